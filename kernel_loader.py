@@ -1,0 +1,54 @@
+"""JIT building of the operator extensions, shared by the four operator folders.
+
+Each operator folder ships `<name>_cpu.cpp` and `<name>_cuda.cu`. Both compile to an extension with the same two
+functions, `forward` and `backward`; the folder's dispatcher picks one by device. Extensions are built once with
+ninja and cached in TORCH_EXTENSIONS_DIR (torch's default cache when unset).
+"""
+import functools
+import os
+import sys
+import warnings
+
+import torch
+
+FORCE_REFERENCE_ENV = "FWP_FORCE_REFERENCE"
+
+
+def reference_forced():
+    """True when the user asked for the plain PyTorch reference (FWP_FORCE_REFERENCE=1)."""
+    return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def _build_root():
+    from torch.utils.cpp_extension import _get_build_directory
+    return os.path.dirname(_get_build_directory("probe", verbose=False))
+
+
+@functools.lru_cache(maxsize=None)
+def load(folder, name, device_type):
+    """Build (first use only) and import `<folder>/<name>_<device_type>.{cpp,cu}`; None if it cannot be built."""
+    from torch.utils import cpp_extension
+
+    suffix = "cpp" if device_type == "cpu" else "cu"
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder, f"{name}_{device_type}.{suffix}")
+    ext_name = f"{name}_{device_type}"
+    build_dir = os.path.join(_build_root(), ext_name)
+    if not os.path.isdir(build_dir) or not any(f.endswith(".so") for f in os.listdir(build_dir)):
+        print(f"Building the {device_type.upper()} kernel '{ext_name}' (first use only, about a minute)...",
+              file=sys.stderr, flush=True)
+    # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    try:
+        return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=["-O3"] + openmp,
+                                  extra_ldflags=openmp, extra_cuda_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # no compiler, no nvcc, ...: the reference still gives correct results
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"could not build {ext_name} ({first_line}); using the slow PyTorch reference instead")
+        return None
+
+
+def extension_for(folder, name, tensor):
+    """The compiled extension for `tensor`'s device, or None when the reference must be used."""
+    if reference_forced() or tensor.device.type not in ("cpu", "cuda"):
+        return None
+    return load(folder, name, tensor.device.type)
