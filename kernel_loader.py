@@ -52,3 +52,36 @@ def extension_for(folder, name, tensor):
     if reference_forced() or tensor.device.type not in ("cpu", "cuda"):
         return None
     return load(folder, name, tensor.device.type)
+
+
+class _FusedOp(torch.autograd.Function):
+    """Autograd glue for every extension: `ext.forward(*inputs) -> [out, *saved]`,
+    `ext.backward(grad_out, *inputs, saved) -> grads of the first `num_differentiable` inputs`."""
+
+    @staticmethod
+    def forward(ctx, ext, num_differentiable, *inputs):
+        out, *saved = ext.forward(*inputs)
+        ctx.ext = ext
+        ctx.num_inputs = len(inputs)
+        ctx.num_differentiable = num_differentiable
+        ctx.save_for_backward(*inputs, *saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        inputs, saved = tensors[:ctx.num_inputs], list(tensors[ctx.num_inputs:])
+        grads = ctx.ext.backward(grad_out.contiguous(), *inputs, saved)
+        return (None, None, *grads, *([None] * (ctx.num_inputs - ctx.num_differentiable)))
+
+
+def run_fused(folder, name, reference, num_differentiable, *inputs):
+    """Run an operator through its compiled kernel, or through `reference` when no kernel applies.
+
+    The first `num_differentiable` inputs get gradients; the rest (initial states) do not.
+    """
+    ext = extension_for(folder, name, inputs[0])
+    if ext is None:
+        return reference(*inputs)
+    return _FusedOp.apply(ext, num_differentiable, *(t.contiguous() for t in inputs))
