@@ -1,0 +1,489 @@
+"""The eight formal-language tasks: generators (Bhattamishra et al., 2020 samplers) and the six-file loader.
+
+Generation follows ../shared/spec/data.md (the "paper settings" of satwik77/Transformer-Formal-Languages) and
+writes IDSIA's format: `{train,valid,test}_50.{src,tgt}`, one space-separated example per line, one target token
+per input token. valid is satwik's Bin0 (training lengths), test is Bin1 (longer strings); `--bins K` adds Bin2..BinK
+as `bin{k}_50.*`. Every draw comes from one private `random.Random(seed)` per task, so the files are the same
+bytes on every machine.
+
+    python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]
+    python data.py --check DIR
+"""
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+
+TASKS = ("parity", "aa-star", "abab-star", "counter-2", "counter-3", "shuffle-2", "dyck-1", "reset_dyck")
+
+LEVEL = 50          # IDSIA's fixed `--level`: the `_50` in the file names, not a length
+TRAIN_SIZE = 10000
+BIN_SIZE = 2000     # draws per validation bin (before de-duplication for the finite languages)
+LEN_INCR = 50       # width of each length bin after Bin0
+P_WRAP = 0.5        # Dyck grammar: S -> pair(S) with p, S -> S S with q, S -> empty otherwise
+Q_CONCAT = 0.25
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class DataError(Exception):
+    """A data file that cannot be used; the message is one line naming the file (and line) at fault."""
+
+
+# ------------------------------------------------------------------------------------------------- samplers
+
+def _parity_string(rng, upper, symbol_prob):
+    """Append 0 or 1 (each with `symbol_prob`) until the stop symbol is drawn or the length reaches `upper`."""
+    chars = []
+    while len(chars) < upper:
+        u = rng.random()
+        if u < symbol_prob:
+            chars.append("0")
+        elif u < 2 * symbol_prob:
+            chars.append("1")
+        else:
+            break
+    return "".join(chars)
+
+
+def _parity_list(rng, num, lower, upper):
+    """satwik's ParityLanguage.generate_list, quirks included.
+
+    The duplicate check looks at the raw draw, not at the string kept after the parity fix-up, so the list
+    can hold repeats (about 14% of a training set).
+    """
+    mean_length = (lower + upper) // 2
+    symbol_prob = mean_length / (2 * (1 + mean_length))   # stop probability 1 / (mean_length + 1)
+    kept, seen = [], set()
+    while len(kept) < num:
+        raw = _parity_string(rng, upper, symbol_prob)
+        if raw in seen or not lower <= len(raw) <= upper:
+            continue
+        word = raw if raw.count("1") % 2 == 0 else raw + "1"
+        if len(word) <= upper:
+            kept.append(word)
+            seen.add(word)
+    return kept
+
+
+def _repeated_unit(rng, lower, upper, unit):
+    """(aa)* and (abab)*: m uniform on [lower, upper], `unit` repeated m // len(unit) times; None if outside."""
+    word = unit * (rng.randint(lower, upper) // len(unit))
+    return word if lower <= len(word) <= upper else None
+
+
+def _counter_word(rng, lower, upper, letters):
+    """a^n b^n (c^n) with n uniform on [lower, upper]: the window bounds n, not the length."""
+    n = rng.randint(lower, upper)
+    return "".join(letter * n for letter in letters)
+
+
+# Work items of the explicit-stack Dyck sampler: a value >= 0 expands S at that current_size; _CONCAT joins the
+# two latest results; _WRAP - j wraps the latest result in pair j.
+_CONCAT = -1
+_WRAP = -2
+
+
+def _dyck_word(rng, pairs, max_size):
+    """One draw of satwik's DyckLanguage.generate(0, max_size) with no depth limit.
+
+    S -> open S close (prob P_WRAP, pair uniform among `pairs`, inner S at current_size + 2) | S S (Q_CONCAT,
+    both at the same current_size) | empty; S at current_size >= max_size is empty. A subtree longer than
+    max_size collapses to the empty string. The grammar is evaluated with an explicit stack, not recursion, so
+    no sample can hit Python's recursion limit; random numbers are drawn in the order of the recursive
+    definition (rule, then pair, then the left subtree before the right one).
+    """
+    random = rng.random
+    num_pairs = len(pairs)
+    todo = [0]
+    results = []
+    pop, push = todo.pop, results.append
+    while todo:
+        item = pop()
+        if item >= 0:
+            # Descend the leftmost path of a fresh subtree right away; the pending right halves and the
+            # combine steps wait on the stack.
+            while True:
+                u = random()
+                if u < P_WRAP:
+                    pair_index = int(random() * num_pairs) if num_pairs > 1 else 0
+                    if item + 2 >= max_size:
+                        push(pairs[pair_index])   # the inner S is empty
+                        break
+                    todo.append(_WRAP - pair_index)
+                    item += 2
+                elif u < P_WRAP + Q_CONCAT:
+                    todo += (_CONCAT, item)
+                else:
+                    push("")
+                    break
+        elif item == _CONCAT:
+            right = results.pop()
+            word = results.pop() + right
+            push(word if len(word) <= max_size else "")
+        else:
+            pair = pairs[_WRAP - item]
+            word = pair[0] + results.pop() + pair[1]
+            push(word if len(word) <= max_size else "")
+    return results[0]
+
+
+def _reset_dyck_word(rng, max_size):
+    """A random prefix of one Dyck-1 word, the reset symbol 1, then a whole second Dyck-1 word."""
+    first = _dyck_word(rng, ("()",), max_size)
+    second = _dyck_word(rng, ("()",), max_size)
+    return first[:rng.randint(0, len(first))] + "1" + second
+
+
+def _unique_list(draw, num, lower):
+    """satwik's generate_list for the grammar languages: keep new draws of length >= lower until `num` kept."""
+    kept, seen = [], set()
+    while len(kept) < num:
+        word = draw()
+        if len(word) >= lower and word not in seen:
+            seen.add(word)
+            kept.append(word)
+    return kept
+
+
+def _draws_with_replacement(draw, num):
+    """Draws of a finite language, repeats allowed; rejected draws (None) are retried."""
+    kept = []
+    while len(kept) < num:
+        word = draw()
+        if word is not None:
+            kept.append(word)
+    return kept
+
+
+def _deduplicated(words):
+    """A Python set in a reproducible order: by length, then lexicographically."""
+    return sorted(set(words), key=lambda word: (len(word), word))
+
+
+# -------------------------------------------------------------------------------------------------- targets
+# Readable spelling of spec section 4.3: acc/rej for prefix membership, the allowed next symbols for the
+# counters, the closing brackets allowed next (or -) for the bracket languages.
+
+def _parity_targets(word):
+    tokens, odd = [], False
+    for char in word:
+        odd ^= char == "1"
+        tokens.append("rej" if odd else "acc")
+    return tokens
+
+
+def _block_targets(word, block):
+    """(aa)* and (abab)*: a prefix is accepted exactly at block boundaries."""
+    return ["acc" if (position + 1) % block == 0 else "rej" for position in range(len(word))]
+
+
+def _counter_targets(word, letters):
+    n = len(word) // len(letters)
+    tokens = [f"{letters[0]}/{letters[1]}"] * n
+    for index in range(1, len(letters)):
+        follower = letters[index + 1] if index + 1 < len(letters) else "END"
+        tokens += [letters[index]] * (n - 1) + [follower]
+    return tokens
+
+
+def _closer_targets(word, pairs):
+    """Shuffle semantics (Dyck-1 being the one-pair case): closer j may follow while pair j has more openers
+    than closers so far; the token lists those closers in pair order, or is - for none."""
+    step = {}
+    for index, (opener, closer) in enumerate(pairs):
+        step[opener] = (index, 1)
+        step[closer] = (index, -1)
+    depth = [0] * len(pairs)
+    tokens = []
+    for char in word:
+        index, change = step[char]
+        depth[index] += change
+        tokens.append("".join(closer for (_, closer), open_count in zip(pairs, depth) if open_count > 0) or "-")
+    return tokens
+
+
+def _reset_dyck_targets(word):
+    tokens, depth = [], 0
+    for char in word:
+        depth = 0 if char == "1" else depth + (1 if char == "(" else -1)
+        tokens.append(")" if depth > 0 else "-")
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class _Task:
+    """How one language is sampled and labelled.
+
+    mode: "joint" (one unique corpus split into train and valid), "separate" (train and valid drawn apart,
+    each unique), "replacement" (draws with repeats; validation bins de-duplicated).
+    sample(rng, num, lower, upper) -> list of words; targets(word) -> list of tokens.
+    window(k) is Bin k's [lower, upper]: [bin0_lower, LEN_INCR] for k = 0 (train and valid), else
+    [k*LEN_INCR + bin_gap, (k+1)*LEN_INCR]. It bounds the length, except for the counters (it bounds n) and the
+    grammar languages (upper is the grammar's max_size; reset_dyck strings can reach 2*upper + 1).
+    """
+    mode: str
+    sample: object
+    targets: object
+    bin0_lower: int = 2
+    bin_gap: int = 1
+
+    def window(self, bin_index):
+        if bin_index == 0:
+            return self.bin0_lower, LEN_INCR
+        return bin_index * LEN_INCR + self.bin_gap, (bin_index + 1) * LEN_INCR
+
+
+def _finite(draw, **fixed):
+    """Sampler of a finite language: `num` draws with repeats."""
+    return lambda rng, num, lower, upper: _draws_with_replacement(lambda: draw(rng, lower, upper, **fixed), num)
+
+
+def _grammar(draw):
+    """Sampler of a grammar language: `num` distinct draws of length >= lower, upper bounding the grammar."""
+    return lambda rng, num, lower, upper: _unique_list(lambda: draw(rng, upper), num, lower)
+
+
+_TASKS = {
+    "parity": _Task("joint", _parity_list, _parity_targets),
+    "aa-star": _Task("replacement", _finite(_repeated_unit, unit="aa"), lambda w: _block_targets(w, 2)),
+    "abab-star": _Task("replacement", _finite(_repeated_unit, unit="abab"), lambda w: _block_targets(w, 4)),
+    "counter-2": _Task("replacement", _finite(_counter_word, letters="ab"), lambda w: _counter_targets(w, "ab"),
+                       bin0_lower=1),
+    "counter-3": _Task("replacement", _finite(_counter_word, letters="abc"),
+                       lambda w: _counter_targets(w, "abc"), bin0_lower=1),
+    "shuffle-2": _Task("separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()", "[]"), upper)),
+                       lambda w: _closer_targets(w, ("()", "[]")), bin_gap=2),
+    "dyck-1": _Task("separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()",), upper)),
+                    lambda w: _closer_targets(w, ("()",)), bin_gap=2),
+    "reset_dyck": _Task("joint", _grammar(_reset_dyck_word), _reset_dyck_targets),
+}
+assert tuple(_TASKS) == TASKS
+
+
+def _bin_words(task, rng, bin_index):
+    lower, upper = task.window(bin_index)
+    words = task.sample(rng, BIN_SIZE, lower, upper)
+    return _deduplicated(words) if task.mode == "replacement" else words
+
+
+def _split_words(task, rng, bins):
+    """Words per split, drawn in a fixed order (train, valid, test, bin2, ...) so --bins leaves the first three
+    splits unchanged."""
+    lower, upper = task.window(0)
+    if task.mode == "joint":
+        corpus = task.sample(rng, TRAIN_SIZE + BIN_SIZE, lower, upper)
+        splits = {"train": corpus[:TRAIN_SIZE], "valid": corpus[TRAIN_SIZE:]}
+    else:
+        splits = {"train": task.sample(rng, TRAIN_SIZE, lower, upper), "valid": _bin_words(task, rng, 0)}
+    splits["test"] = _bin_words(task, rng, 1)
+    for bin_index in range(2, bins + 1):
+        splits[f"bin{bin_index}"] = _bin_words(task, rng, bin_index)
+    return splits
+
+
+def generate_task(task, seed=1, bins=1):
+    """{split: (src_lines, tgt_lines)} for train, valid, test and bin2..bin{bins}; lines are space-joined tokens."""
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    spec = _TASKS[task]
+    splits = _split_words(spec, Random(seed), bins)
+    return {name: ([" ".join(word) for word in words], [" ".join(spec.targets(word)) for word in words])
+            for name, words in splits.items()}
+
+
+def write_task(task, out_dir, seed=1, bins=1):
+    """Write out_dir/{train,valid,test}_50.{src,tgt} (and bin{k}_50.*), each line ending in a newline."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (src_lines, tgt_lines) in generate_task(task, seed, bins).items():
+        for suffix, lines in (("src", src_lines), ("tgt", tgt_lines)):
+            (out_dir / f"{name}_{LEVEL}.{suffix}").write_text("".join(line + "\n" for line in lines))
+
+
+# --------------------------------------------------------------------------------------------------- loader
+
+@dataclass
+class Split:
+    """One split as padded id tensors: src and tgt (N, L) share L, the split's longest line."""
+    src: "torch.Tensor"
+    tgt: "torch.Tensor"
+    lengths: "torch.Tensor"
+
+    def __len__(self):
+        return self.src.shape[0]
+
+    def __getitem__(self, index):
+        return self.src[index], self.tgt[index], self.lengths[index]
+
+
+@dataclass
+class FormalLanguageData:
+    """Vocabularies of the training files (id = position, pad id = vocabulary size) and the encoded splits."""
+    src_vocab: list
+    tgt_vocab: list
+    splits: dict
+
+    @property
+    def src_pad(self):
+        return len(self.src_vocab)
+
+    @property
+    def tgt_pad(self):
+        return len(self.tgt_vocab)
+
+
+def _read_lines(path, task_hint):
+    """Token lists of a data file; the file must exist, be non-empty and have no empty line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; generate it with "
+                        f"`python data.py --task {task_hint} --out_dir {path.parent}`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":   # the trailing newline ends the last line; satwik's files have none, ours do
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: file is empty")
+    token_lists = [line.split() for line in lines]
+    for number, tokens in enumerate(token_lists, 1):
+        if not tokens:
+            raise DataError(f"{path}, line {number}: empty line")
+    return token_lists
+
+
+def _read_pair(data_dir, name, level, task_hint):
+    """Aligned (src, tgt) token lists of `{name}_{level}.{src,tgt}`."""
+    src_path = data_dir / f"{name}_{level}.src"
+    tgt_path = data_dir / f"{name}_{level}.tgt"
+    src_lines = _read_lines(src_path, task_hint)
+    tgt_lines = _read_lines(tgt_path, task_hint)
+    if len(src_lines) != len(tgt_lines):
+        first_unpaired = min(len(src_lines), len(tgt_lines)) + 1
+        raise DataError(f"{tgt_path}: {len(tgt_lines)} lines but {src_path.name} has {len(src_lines)} "
+                        f"(line {first_unpaired} has no partner)")
+    for number, (src, tgt) in enumerate(zip(src_lines, tgt_lines), 1):
+        if len(src) != len(tgt):
+            raise DataError(f"{tgt_path}, line {number}: {len(tgt)} tokens but {src_path.name} line {number} "
+                            f"has {len(src)}")
+    return src_lines, tgt_lines
+
+
+def _encode(token_lists, vocab, path, train_path):
+    """Flat ids of all lines in order; every token must be in the training vocabulary."""
+    ids = []
+    for number, tokens in enumerate(token_lists, 1):
+        try:
+            ids += [vocab[token] for token in tokens]
+        except KeyError as error:
+            raise DataError(f"{path}, line {number}: token {error.args[0]!r} does not occur in the training file "
+                            f"{train_path.name}") from None
+    return ids
+
+
+def _padded(flat_ids, lengths, pad, device):
+    """(N, max length) tensor: row i holds the next lengths[i] ids, then pad."""
+    import torch
+    mask = torch.arange(int(lengths.max())) < lengths[:, None]
+    table = torch.full(mask.shape, pad, dtype=torch.long)
+    table[mask] = torch.tensor(flat_ids, dtype=torch.long)
+    return table.to(device)
+
+
+def _split_names(data_dir, level):
+    """train, valid, test, then bin2, bin3, ... for every bin{k}_{level}.src or .tgt present."""
+    pattern = re.compile(rf"bin(\d+)_{level}\.(src|tgt)")
+    bins = {int(match[1]) for path in data_dir.glob(f"bin*_{level}.*") if (match := pattern.fullmatch(path.name))}
+    return list(SPLIT_NAMES) + [f"bin{k}" for k in sorted(bins)]
+
+
+def load_data(data_dir, level=LEVEL, device="cpu"):
+    """Load `{train,valid,test}_{level}` (and every `bin{k}_{level}`) from data_dir; DataError if unusable."""
+    import torch   # imported here so that generating data does not pay torch's start-up time
+    data_dir = Path(data_dir)
+    task_hint = data_dir.name if data_dir.name in TASKS else "TASK"
+    names = _split_names(data_dir, level)
+    pairs = {name: _read_pair(data_dir, name, level, task_hint) for name in names}
+    train_src, train_tgt = pairs["train"]
+    src_vocab = list(dict.fromkeys(token for tokens in train_src for token in tokens))
+    tgt_vocab = list(dict.fromkeys(token for tokens in train_tgt for token in tokens))
+    src_ids = {token: index for index, token in enumerate(src_vocab)}
+    tgt_ids = {token: index for index, token in enumerate(tgt_vocab)}
+    splits = {}
+    for name, (src_lines, tgt_lines) in pairs.items():
+        lengths = torch.tensor([len(tokens) for tokens in src_lines], dtype=torch.long)
+        src_flat = _encode(src_lines, src_ids, data_dir / f"{name}_{level}.src", data_dir / f"train_{level}.src")
+        tgt_flat = _encode(tgt_lines, tgt_ids, data_dir / f"{name}_{level}.tgt", data_dir / f"train_{level}.tgt")
+        splits[name] = Split(_padded(src_flat, lengths, len(src_vocab), device),
+                             _padded(tgt_flat, lengths, len(tgt_vocab), device), lengths.to(device))
+    return FormalLanguageData(src_vocab, tgt_vocab, splits)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def _summary(data):
+    """Per split: lines, distinct inputs, length range (the summary printed by --check)."""
+    import torch
+    rows = [f"src vocab {data.src_vocab} (pad {data.src_pad}); tgt vocab {data.tgt_vocab} (pad {data.tgt_pad})"]
+    for name, split in data.splits.items():
+        distinct = len(torch.unique(split.src, dim=0))
+        rows.append(f"{name}: {len(split)} lines, {distinct} distinct, lengths "
+                    f"{int(split.lengths.min())}-{int(split.lengths.max())}")
+    return "\n".join(rows)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_args(argv):
+    parser = _OneLineParser(description="Generate or check the formal-language datasets.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--task", choices=TASKS + ("all",), help="task to generate; all writes OUT_DIR/<task>/")
+    action.add_argument("--check", metavar="DIR", help="load DIR like training does and summarise its splits")
+    parser.add_argument("--out_dir", help="output folder (with --task)")
+    # seed and bins default to None so that --check can tell that they were given; see the defaults below
+    parser.add_argument("--seed", type=int, help="random seed (default 1)")
+    parser.add_argument("--bins", type=int,
+                        help="number of longer bins (default 1): 1 writes valid/test, K > 1 adds bin2..binK")
+    args = parser.parse_args(argv)
+    if args.check and (args.out_dir or args.seed is not None or args.bins is not None):
+        parser.error("--check takes no other option")
+    if args.task and not args.out_dir:
+        parser.error("--task needs --out_dir")
+    args.seed = 1 if args.seed is None else args.seed
+    args.bins = 1 if args.bins is None else args.bins
+    if args.bins < 1:
+        parser.error(f"--bins must be at least 1, got {args.bins}")
+    return args
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    try:
+        if args.check:
+            print(_summary(load_data(args.check)))
+            return 0
+        tasks = TASKS if args.task == "all" else (args.task,)
+        for task in tasks:
+            out_dir = Path(args.out_dir) / task if args.task == "all" else Path(args.out_dir)
+            write_task(task, out_dir, args.seed, args.bins)
+            print(f"{task}: wrote {out_dir}")
+    except (DataError, OSError) as error:
+        print(f"data.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

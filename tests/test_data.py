@@ -1,0 +1,479 @@
+"""Tests of data.py: the eight generated datasets against an independent reading of the spec, and the loader.
+
+The language and target checks below are written from ../shared/spec/data.md without using data.py's own
+sampling or target code: membership by regular expressions and bracket reduction, targets from what each prefix
+allows next.
+"""
+import functools
+import inspect
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from random import Random
+
+import pytest
+import torch
+
+import data
+
+REPO = Path(data.__file__).resolve().parent
+GENERATED_SPLITS = ("train", "valid", "test")
+
+# ------------------------------------------------------------------------------------ independent oracles
+
+def reduces_to(word, pairs, rest_pattern):
+    """Delete adjacent open-close pairs until none is left; True if what remains matches rest_pattern."""
+    adjacent = [opener + closer for opener, closer in pairs]
+    while any(pair in word for pair in adjacent):
+        for pair in adjacent:
+            word = word.replace(pair, "")
+    return re.fullmatch(rest_pattern, word) is not None
+
+
+def is_dyck(word, pairs):
+    return reduces_to(word, pairs, "")
+
+
+def is_dyck_prefix(word, pairs):
+    return reduces_to(word, pairs, "[" + re.escape("".join(opener for opener, _ in pairs)) + "]*")
+
+
+def is_shuffle(word):
+    return all(is_dyck("".join(c for c in word if c in pair), [pair]) for pair in ("()", "[]"))
+
+
+def reset_dyck_parts(word):
+    """(prefix before the reset, Dyck word after it) of a reset_dyck member, else None."""
+    match = re.fullmatch(r"([()]*)1([()]*)", word)
+    if match and is_dyck_prefix(match[1], ["()"]) and is_dyck(match[2], ["()"]):
+        return match[1], match[2]
+    return None
+
+
+def counter_n(word, letters):
+    """n if word is a^n b^n (c^n) with n >= 1, else None."""
+    match = re.fullmatch("".join(f"({letter}+)" for letter in letters), word)
+    if match and len({len(group) for group in match.groups()}) == 1:
+        return len(match[1])
+    return None
+
+
+MEMBERSHIP = {
+    "parity": lambda w: re.fullmatch("[01]+", w) is not None and w.count("1") % 2 == 0,
+    "aa-star": lambda w: re.fullmatch("(?:aa)+", w) is not None,
+    "abab-star": lambda w: re.fullmatch("(?:abab)+", w) is not None,
+    "counter-2": lambda w: counter_n(w, "ab") is not None,
+    "counter-3": lambda w: counter_n(w, "abc") is not None,
+    "shuffle-2": lambda w: re.fullmatch(r"[()\[\]]+", w) is not None and is_shuffle(w),
+    "dyck-1": lambda w: re.fullmatch(r"[()]+", w) is not None and is_dyck(w, ["()"]),
+    "reset_dyck": lambda w: reset_dyck_parts(w) is not None,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def counter_prefixes(letters, max_n):
+    """Members a^m b^m (c^m), m <= max_n, and the set of all their non-empty prefixes."""
+    members = {"".join(letter * m for letter in letters) for m in range(1, max_n + 1)}
+    prefixes = {member[:end] for member in members for end in range(1, len(member) + 1)}
+    return members, prefixes
+
+
+def counter_targets(word, letters):
+    """At each prefix, the symbols that can follow within the language (END: the prefix is a member)."""
+    members, prefixes = counter_prefixes(letters, len(word) // len(letters) + 1)
+    tokens = []
+    for end in range(1, len(word) + 1):
+        prefix = word[:end]
+        allowed = [letter for letter in letters if prefix + letter in prefixes]
+        assert not (allowed and prefix in members)
+        tokens.append("/".join(allowed) if allowed else "END")
+    return tokens
+
+
+def closers_allowed(segment, pairs):
+    """Closing brackets that may follow a valid bracket prefix: those of pairs with unmatched openers."""
+    return "".join(closer for opener, closer in pairs if segment.count(opener) > segment.count(closer)) or "-"
+
+
+def expected_targets(task, word):
+    prefixes = [word[:end] for end in range(1, len(word) + 1)]
+    if task in ("parity", "aa-star", "abab-star"):
+        return ["acc" if MEMBERSHIP[task](prefix) else "rej" for prefix in prefixes]
+    if task in ("counter-2", "counter-3"):
+        return counter_targets(word, "ab" if task == "counter-2" else "abc")
+    if task == "reset_dyck":   # the count restarts after the reset symbol
+        return [closers_allowed(prefix.rsplit("1", 1)[-1], ["()"]) for prefix in prefixes]
+    pairs = ["()", "[]"] if task == "shuffle-2" else ["()"]
+    return [closers_allowed(prefix, pairs) for prefix in prefixes]
+
+
+# Spec section 4.3, converted examples.
+SPEC_EXAMPLES = [
+    ("parity", "0110", "acc rej acc acc"),
+    ("parity", "11011", "rej acc acc rej acc"),
+    ("aa-star", "aaaaaa", "rej acc rej acc rej acc"),
+    ("abab-star", "abababab", "rej rej rej acc rej rej rej acc"),
+    ("counter-2", "aaabbb", "a/b a/b a/b b b END"),
+    ("counter-2", "ab", "a/b END"),
+    ("counter-3", "aabbcc", "a/b a/b b c c END"),
+    ("counter-3", "abc", "a/b c END"),
+    ("shuffle-2", "([])[]", ") )] ) - ] -"),
+    ("dyck-1", "(()())()", ") ) ) ) ) - ) -"),
+    ("reset_dyck", "(()1()", ") ) ) - ) -"),
+    ("reset_dyck", "((1(())", ") ) - ) ) ) -"),
+]
+
+# ------------------------------------------------------------------------------- expected sizes and windows
+# Finite languages: the de-duplicated bins hold every string of the window, ordered by length.
+EXACT = {
+    "aa-star": {"valid": range(1, 26), "test": range(26, 51), "bin2": range(51, 76)},
+    "abab-star": {"valid": range(1, 13), "test": range(13, 26), "bin2": range(26, 38)},
+    "counter-2": {"valid": range(1, 51), "test": range(51, 101), "bin2": range(101, 151)},
+    "counter-3": {"valid": range(1, 51), "test": range(51, 101), "bin2": range(101, 151)},
+}
+EXACT_WORD = {"aa-star": lambda k: "aa" * k, "abab-star": lambda k: "abab" * k,
+              "counter-2": lambda n: "a" * n + "b" * n, "counter-3": lambda n: "a" * n + "b" * n + "c" * n}
+# Sampled languages: (shortest, longest) length; for reset_dyck (shortest, bound on each Dyck part).
+WINDOWS = {
+    "parity": {"train": (2, 50), "valid": (2, 50), "test": (51, 100), "bin2": (101, 150)},
+    "shuffle-2": {"train": (2, 50), "valid": (2, 50), "test": (52, 100), "bin2": (102, 150)},
+    "dyck-1": {"train": (2, 50), "valid": (2, 50), "test": (52, 100), "bin2": (102, 150)},
+    "reset_dyck": {"train": (2, 50), "valid": (2, 50), "test": (51, 100), "bin2": (101, 150)},
+}
+
+
+def expected_size(task, split):
+    if split == "train":
+        return 10000
+    return len(EXACT[task][split]) if task in EXACT else 2000
+
+
+def check_split(task, split, words, tgt_lines):
+    """Size, window, membership and per-position targets of one split."""
+    assert len(words) == len(tgt_lines) == expected_size(task, split)
+    for word, tgt in set(zip(words, tgt_lines)):
+        assert MEMBERSHIP[task](word), (task, split, word)
+        assert tgt.split(" ") == expected_targets(task, word), (task, split, word)
+    if task in EXACT:
+        everything = [EXACT_WORD[task](k) for k in EXACT[task]["valid" if split == "train" else split]]
+        if split == "train":
+            assert set(words) == set(everything)
+        else:
+            assert words == everything
+        return
+    # Both ends of the window are reached (valid of a joint split lacks the shortest words, see the spec).
+    shortest, longest = WINDOWS[task][split]
+    if task == "reset_dyck":   # longest bounds each Dyck part, as the length of a word the prefix came from
+        parts = [reset_dyck_parts(word) for word in words]
+        sizes = [max(len(prefix) + prefix.count("(") - prefix.count(")"), len(suffix)) for prefix, suffix in parts]
+        assert max(sizes) == longest
+    else:
+        assert max(map(len, words)) == longest
+    assert min(map(len, words)) >= shortest
+    if split != "valid":
+        assert min(map(len, words)) == shortest
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+def read_lines(path):
+    text = path.read_text()
+    return text[:-1].split("\n") if text else []
+
+
+def read_words(task_dir, split):
+    """(input words, tgt lines) of a written split; a word is the src line without its separators."""
+    src = read_lines(task_dir / f"{split}_50.src")
+    return ["".join(line.split(" ")) for line in src], read_lines(task_dir / f"{split}_50.tgt")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """All eight tasks written once through the CLI with the default seed: the folder holding <task>/."""
+    out = tmp_path_factory.mktemp("generated")
+    result = subprocess.run([sys.executable, str(REPO / "data.py"), "--task", "all", "--out_dir", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_bin2(tmp_path_factory):
+    """All eight tasks written by write_task with seed 1 and bins=2: the folder holding <task>/."""
+    out = tmp_path_factory.mktemp("bins")
+    for task in data.TASKS:
+        data.write_task(task, out / task, seed=1, bins=2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+@pytest.mark.parametrize("task, word, tgt", SPEC_EXAMPLES)
+def test_oracle_reproduces_spec_examples(task, word, tgt):
+    assert MEMBERSHIP[task](word)
+    assert " ".join(expected_targets(task, word)) == tgt
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_generated_splits_match_spec(generated, task):
+    for split in GENERATED_SPLITS:
+        check_split(task, split, *read_words(generated / task, split))
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_file_format(generated, task):
+    files = sorted((generated / task).iterdir())
+    assert [f.name for f in files] == [f"{s}_50.{e}" for s in ("test", "train", "valid") for e in ("src", "tgt")]
+    for split in GENERATED_SPLITS:
+        src_text = (generated / task / f"{split}_50.src").read_text()
+        tgt_text = (generated / task / f"{split}_50.tgt").read_text()
+        for text in (src_text, tgt_text):
+            assert text.endswith("\n") and not text.startswith("\n") and "\n\n" not in text
+            assert "  " not in text and " \n" not in text and "\n " not in text
+        for src_line, tgt_line in zip(read_lines(generated / task / f"{split}_50.src"),
+                                      read_lines(generated / task / f"{split}_50.tgt")):
+            assert all(len(token) == 1 for token in src_line.split(" "))
+            assert len(src_line.split(" ")) == len(tgt_line.split(" "))
+
+
+def test_construction_modes(generated):
+    """Joint split (parity, reset_dyck), separate draws (dyck-1, shuffle-2), de-duplicated finite bins."""
+    train, _ = read_words(generated / "reset_dyck", "train")
+    valid, _ = read_words(generated / "reset_dyck", "valid")
+    assert len(set(train)) == 10000 and len(set(valid)) == 2000 and not set(train) & set(valid)
+    for task in ("dyck-1", "shuffle-2"):
+        train, _ = read_words(generated / task, "train")
+        valid, _ = read_words(generated / task, "valid")
+        assert len(set(train)) == 10000 and len(set(valid)) == 2000
+        assert len(set(train) & set(valid)) > 100   # drawn apart, so they share common short words
+    # parity: uniqueness is checked on the raw draw, before the parity fix-up appends a 1, so repeats occur
+    # (about 14% of train), but only of fixed-up words; one joint corpus means this holds across train+valid.
+    train, _ = read_words(generated / "parity", "train")
+    valid, _ = read_words(generated / "parity", "valid")
+    assert 8000 < len(set(train)) < 9500
+    repeated = [word for word, count in Counter(train + valid).items() if count > 1]
+    assert repeated and all(word.endswith("1") and word[:-1].count("1") % 2 == 1 for word in repeated)
+    for task in EXACT:
+        train, _ = read_words(generated / task, "train")
+        assert len(set(train)) == len(EXACT[task]["valid"])
+
+
+def test_shuffle_inputs_are_nested(generated):
+    """The Shuffle sampler is the Dyck-2 grammar: crossings like ([)] never occur."""
+    for split in GENERATED_SPLITS:
+        words, _ = read_words(generated / "shuffle-2", split)
+        assert all(is_dyck(word, ["()", "[]"]) for word in words)
+        assert any("[" in word for word in words) and any("(" in word for word in words)
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_extra_bins(generated, with_bin2, task):
+    """bins=2 adds a genuinely longer bin2 and leaves train/valid/test byte-identical (same seed)."""
+    for split in GENERATED_SPLITS:
+        for suffix in ("src", "tgt"):
+            name = f"{split}_50.{suffix}"
+            assert (with_bin2 / task / name).read_bytes() == (generated / task / name).read_bytes()
+    check_split(task, "bin2", *read_words(with_bin2 / task, "bin2"))
+
+
+@pytest.mark.parametrize("task", ["parity", "aa-star", "counter-3", "dyck-1"])   # one per construction mode
+def test_other_seed_gives_other_data(generated, task):
+    other = data.generate_task(task, seed=2)
+    assert set(other) == set(GENERATED_SPLITS)
+    ours = read_lines(generated / task / "train_50.src")
+    assert other["train"][0] != ours
+    for split in GENERATED_SPLITS:
+        check_split(task, split, ["".join(line.split(" ")) for line in other[split][0]], other[split][1])
+
+
+def test_generate_task_keys_for_bins():
+    assert list(data.generate_task("aa-star", bins=4)) == ["train", "valid", "test", "bin2", "bin3", "bin4"]
+    with pytest.raises(ValueError):
+        data.generate_task("aa-star", bins=0)
+    with pytest.raises(ValueError):
+        data.generate_task("no-such-task")
+
+
+def recursive_dyck(rng, pairs, max_size, current_size=0):
+    """satwik's recursive DyckLanguage.generate with the draw order data.py promises (rule, pair, left, right)."""
+    if current_size >= max_size:
+        return ""
+    u = rng.random()
+    if u < 0.5:
+        opener, closer = pairs[int(rng.random() * len(pairs))] if len(pairs) > 1 else pairs[0]
+        word = opener + recursive_dyck(rng, pairs, max_size, current_size + 2) + closer
+    elif u < 0.75:
+        word = recursive_dyck(rng, pairs, max_size, current_size) + recursive_dyck(rng, pairs, max_size,
+                                                                                  current_size)
+    else:
+        return ""
+    return word if len(word) <= max_size else ""
+
+
+@pytest.mark.parametrize("pairs", [("()",), ("()", "[]")])
+@pytest.mark.parametrize("max_size", [2, 7, 50, 100])
+def test_dyck_sampler_matches_recursive_grammar(pairs, max_size):
+    ours, reference = Random(3), Random(3)
+    words = [data._dyck_word(ours, pairs, max_size) for _ in range(500)]
+    assert words == [recursive_dyck(reference, pairs, max_size) for _ in range(500)]
+    assert any(len(word) > max_size // 2 for word in words) and all(len(word) <= max_size for word in words)
+
+
+def test_dyck_sampler_needs_no_recursion():
+    """Nesting far deeper than the allowed Python stack: the sampler must not recurse."""
+    limit = sys.getrecursionlimit()
+    rng = Random(0)
+    sys.setrecursionlimit(len(inspect.stack()) + 15)
+    try:
+        words = [data._dyck_word(rng, ("()",), 400) for _ in range(300)]
+    finally:
+        sys.setrecursionlimit(limit)
+    deepest = max(max(w[:end].count("(") - w[:end].count(")") for end in range(len(w) + 1)) for w in words)
+    assert deepest > 20   # a recursive sampler would need at least this many nested calls
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+def write_dir(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content)
+    return folder
+
+
+SMALL = {   # satwik-style spelling: any tokens must load
+    "train_50.src": "( ) (\n( (\n",
+    "train_50.tgt": "1 0 1\n1 1\n",
+    "valid_50.src": ") (\n",
+    "valid_50.tgt": "0 0\n",
+    "test_50.src": "(\n( ( ) )\n",
+    "test_50.tgt": "1\n1 1 1 0\n",
+}
+
+
+def test_loader_small_round_trip(tmp_path):
+    loaded = data.load_data(write_dir(tmp_path, SMALL))
+    assert loaded.src_vocab == ["(", ")"] and loaded.tgt_vocab == ["1", "0"]
+    assert loaded.src_pad == 2 and loaded.tgt_pad == 2
+    assert list(loaded.splits) == ["train", "valid", "test"]
+    train, test = loaded.splits["train"], loaded.splits["test"]
+    assert torch.equal(train.src, torch.tensor([[0, 1, 0], [0, 0, 2]]))
+    assert torch.equal(train.tgt, torch.tensor([[0, 1, 0], [0, 0, 2]]))
+    assert torch.equal(test.src, torch.tensor([[0, 2, 2, 2], [0, 0, 1, 1]]))
+    assert torch.equal(test.tgt, torch.tensor([[0, 2, 2, 2], [0, 0, 0, 1]]))
+    assert torch.equal(test.lengths, torch.tensor([1, 4]))
+    assert loaded.splits["valid"].src.shape == (1, 2) and len(loaded.splits["valid"]) == 1
+    src, tgt, length = test[1]
+    assert src.tolist() == [0, 0, 1, 1] and tgt.tolist() == [0, 0, 0, 1] and int(length) == 4
+    assert all(t.dtype == torch.long and t.device.type == "cpu" for s in loaded.splits.values()
+               for t in (s.src, s.tgt, s.lengths))
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_loader_round_trip_generated(generated, task):
+    loaded = data.load_data(generated / task)
+    train_src = [line.split(" ") for line in read_lines(generated / task / "train_50.src")]
+    train_tgt = [line.split(" ") for line in read_lines(generated / task / "train_50.tgt")]
+    src_vocab, tgt_vocab = [], []
+    for vocab, lines in ((src_vocab, train_src), (tgt_vocab, train_tgt)):
+        for token in (token for line in lines for token in line):
+            if token not in vocab:
+                vocab.append(token)
+    assert loaded.src_vocab == src_vocab and loaded.tgt_vocab == tgt_vocab
+    assert list(loaded.splits) == list(GENERATED_SPLITS)
+    for split in GENERATED_SPLITS:
+        rows = {}
+        for suffix, vocab in (("src", src_vocab), ("tgt", tgt_vocab)):
+            lines = [line.split(" ") for line in read_lines(generated / task / f"{split}_50.{suffix}")]
+            width = max(map(len, lines))
+            ids = {token: index for index, token in enumerate(vocab)}
+            rows[suffix] = [[ids[t] for t in line] + [len(vocab)] * (width - len(line)) for line in lines]
+        got = loaded.splits[split]
+        assert torch.equal(got.src, torch.tensor(rows["src"])) and torch.equal(got.tgt, torch.tensor(rows["tgt"]))
+        assert got.lengths.tolist() == [len(line.split(" ")) for line in read_lines(generated / task /
+                                                                                    f"{split}_50.src")]
+
+
+def test_loader_finds_bins_in_order(tmp_path):
+    out = tmp_path / "aa-star"
+    data.write_task("aa-star", out, bins=11)
+    loaded = data.load_data(out)
+    assert list(loaded.splits) == ["train", "valid", "test"] + [f"bin{k}" for k in range(2, 12)]
+    assert int(loaded.splits["bin11"].lengths.min()) == 552
+    assert loaded.splits["bin2"].src.shape == (25, 150)
+
+
+def broken(files_change):
+    files = dict(SMALL)
+    files.update(files_change)
+    return files
+
+
+# (files to change (None: delete), file named in the message, words the message must contain)
+LOADER_ERRORS = {
+    "missing file": ({"valid_50.tgt": None}, "valid_50.tgt", ["python data.py --task TASK --out_dir"]),
+    "empty training file": ({"train_50.src": "", "train_50.tgt": ""}, "train_50.src", ["empty"]),
+    "line-count mismatch": ({"test_50.tgt": "1\n"}, "test_50.tgt", ["1 lines", "has 2"]),
+    "token-count mismatch": ({"test_50.tgt": "1\n1 1 1\n"}, "test_50.tgt", ["line 2", "3 tokens"]),
+    "unknown src token": ({"valid_50.src": ") [\n"}, "valid_50.src", ["line 1", "'['", "train_50.src"]),
+    "unknown tgt token": ({"test_50.tgt": "1\n1 1 2 0\n"}, "test_50.tgt", ["line 2", "'2'", "train_50.tgt"]),
+    "empty line": ({"train_50.src": "( ) (\n\n( (\n", "train_50.tgt": "1 0 1\n\n1 1\n"}, "train_50.src",
+                   ["line 2", "empty line"]),
+    "trailing empty line": ({"test_50.src": "(\n( ( ) )\n\n"}, "test_50.src", ["line 3", "empty line"]),
+    "bin without partner": ({"bin2_50.src": "( (\n"}, "bin2_50.tgt", ["no such file"]),
+    "not text": ({"train_50.tgt": b"1 0 \xff\n1 1\n"}, "train_50.tgt", ["UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADER_ERRORS))
+def test_loader_errors(tmp_path, case):
+    change, culprit, words = LOADER_ERRORS[case]
+    folder = write_dir(tmp_path, {k: v for k, v in broken(change).items() if v is not None})
+    with pytest.raises(data.DataError) as error:
+        data.load_data(folder)
+    message = str(error.value)
+    assert "\n" not in message and str(folder / culprit) in message
+    assert all(word in message for word in words), message
+
+
+def test_missing_file_names_the_task(tmp_path):
+    with pytest.raises(data.DataError, match=r"python data\.py --task dyck-1 --out_dir .*dyck-1"):
+        data.load_data(tmp_path / "dyck-1")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(REPO / "data.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("args", [
+    ("--task", "no-such-task", "--out_dir", "x"),
+    ("--task", "parity"),
+    ("--task", "parity", "--out_dir", "x", "--bins", "0"),
+    ("--task", "parity", "--out_dir", "x", "--seed", "one"),
+    ("--check", "x", "--seed", "2"),
+    (),
+])
+def test_cli_usage_errors(tmp_path, args):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "error" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_check(generated, tmp_path, capsys):
+    assert data.main(["--check", str(generated / "counter-2")]) == 0
+    summary = capsys.readouterr().out
+    assert "train: 10000 lines, 50 distinct, lengths 2-100" in summary
+    assert "test: 50 lines, 50 distinct, lengths 102-200" in summary
+    write_dir(tmp_path, broken({"valid_50.src": ") [\n"}))
+    assert data.main(["--check", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "valid_50.src, line 1" in err
