@@ -1,0 +1,481 @@
+"""Train one model on one formal-language task: `python main.py --data_dir data/parity --model_type 7 ...`.
+
+Takes the original flags verbatim (plus --device and --resume). Each run gets its own directory
+`<work_dir>/<model>-<task>-<time>-<hash>/` with log.txt, args.json, metrics.jsonl, best_model.pt,
+latest_model.pt and, once finished, final.json. A run with latest_model.pt but no final.json continues exactly
+where its last evaluation left off with `python main.py --resume RUN_DIR`.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import data
+from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params
+from utils import (LOGGER_NAME, capture_rng_state, close_logging, evaluate, load_checkpoint, restore_rng_state, save_checkpoint,
+                   seed_everything, sequence_loss, setup_logging, write_text_atomic)
+
+# Evaluation batches only bound memory; the results do not depend on their size.
+EVAL_BATCH_SIZE = 256
+# Flags that --resume accepts besides the run directory; every other flag comes from the run's args.json.
+RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "device")
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """Bad flags or data: reported as one line before any training starts."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--data_dir", type=str, default="data/parity",
+        help="directory with {train,valid,test}_<level>.{src,tgt}; generated when missing and named after a task")
+    add("--level", type=int, default=50, help="the number in the data file names (always 50 in the paper)")
+    add("--work_dir", type=str, default="runs", help="parent directory of the per-run directories")
+    add("--model_type", type=int, default=0, choices=sorted(MODEL_NAMES),
+        help="; ".join(f"{i}: {name}" for i, name in MODEL_NAMES.items()))
+    add("--seed", type=int, default=1, help="seed of the initialisation, dropout and data order")
+    add("--no_embedding", action="store_true", help="LSTM/e-LSTM: feed one-hot inputs instead of an embedding")
+    add("--num_layer", type=int, default=2, help="number of layers (the e-LSTM always has one)")
+    add("--hidden_size", type=int, default=512, help="hidden size (= n_head x head dimension for attention models)")
+    add("--emb_size", type=int, default=128, help="LSTM/e-LSTM: embedding size")
+    add("--n_head", type=int, default=8, help="attention/fast-weight models: number of heads")
+    add("--ff_factor", type=int, default=4, help="attention/fast-weight models: feed-forward width / hidden size")
+    add("--remove_pos_enc", action="store_true",
+        help="fast-weight models: no sinusoidal positional encoding (required for the SRWM)")
+    add("--dropout", type=float, default=0.0, help="dropout rate")
+    add("--stop_acc", type=float, default=100.0,
+        help="stop once the mean of valid and valid2 accuracy (percent) reaches this")
+    add("--batch_size", type=int, default=64, help="training batch size")
+    add("--learning_rate", type=float, default=1e-4, help="Adam learning rate (constant)")
+    add("--grad_cummulate", type=int, default=1, help="batches whose gradients are summed per optimiser step")
+    add("--num_epoch", type=int, default=200, help="maximum number of training epochs")
+    add("--report_every", type=int, default=50,
+        help="evaluate every this many training batches (<= 0: only at epoch ends)")
+    add("--clip", type=float, default=0.0, help="global gradient-norm clipping threshold (0: off)")
+    add("--project_name", type=str, default=None, help="wandb project (default: fwp-formal-lang)")
+    add("--job_name", type=str, default=None, help="wandb run name (default: the run directory's name)")
+    add("--use_wandb", action="store_true", help="also log the metrics to wandb")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available, else CPU")
+    add("--resume", type=str, default=None, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest_model.pt (flags from its args.json; only "
+             + ", ".join(f"--{name}" for name in RESUME_OVERRIDABLE) + " may be changed)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags, device and data: everything that can fail before training
+
+
+def explicit_flags(argv):
+    """{flag: value} for the flags actually written in argv (defaults left out)."""
+    unset = object()  # not a string: argparse would run a string default through the flag's type
+    parser = build_parser()
+    parser.set_defaults(**{action.dest: unset for action in parser._actions})
+    return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
+def parse_flags(argv):
+    """The run's flags; for --resume those of args.json with the allowed overrides applied."""
+    args = build_parser().parse_args(argv)
+    if args.resume is None:
+        return args
+    explicit = explicit_flags(argv)
+    refused = sorted(set(explicit) - set(RESUME_OVERRIDABLE) - {"resume"})
+    if refused:
+        raise UsageError(f"--resume takes the run's flags from its args.json; --{refused[0]} cannot be changed "
+                         f"(allowed: {', '.join('--' + name for name in RESUME_OVERRIDABLE)})")
+    args_path = os.path.join(args.resume, "args.json")
+    if not os.path.isfile(args_path):
+        raise UsageError(f"{args_path} not found: --resume needs a run directory written by main.py")
+    with open(args_path) as f:
+        saved = json.load(f)
+    saved.update(explicit)
+    return argparse.Namespace(**saved)
+
+
+def check_flags(args):
+    error = config_error(args)
+    if error is None:
+        for name in ("num_epoch", "batch_size", "grad_cummulate"):
+            if getattr(args, name) < 1:
+                error = f"--{name} must be at least 1, got {getattr(args, name)}"
+    if error:
+        raise UsageError(error)
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def task_name(data_dir):
+    return os.path.basename(os.path.normpath(data_dir))
+
+
+def load_dataset(args, device):
+    """The loaded data; a missing directory named after a task is generated first."""
+    task = task_name(args.data_dir)
+    if not os.path.exists(args.data_dir) and task in data.TASKS:
+        print(f"{args.data_dir} does not exist: generating the '{task}' dataset there.", flush=True)
+        data.write_task(task, args.data_dir)
+    try:
+        return data.load_data(args.data_dir, level=args.level, device=device)
+    except data.DataError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directory
+
+
+def new_run_dir(args):
+    """`<work_dir>/<model>-<task>-<time>-<hash of the flags>`; a clash (same flags, same second) gets a new hash."""
+    flags = json.dumps(vars(args), sort_keys=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        digest = hashlib.sha1(f"{flags}{attempt or ''}".encode()).hexdigest()[:8]
+        name = f"{MODEL_SLUGS[args.model_type]}-{task_name(args.data_dir)}-{stamp}-{digest}"
+        path = os.path.join(args.work_dir, name)
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not create a new run directory under {args.work_dir}")
+
+
+def write_args(run_dir, args):
+    write_text_atomic(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2) + "\n")
+
+
+def truncate_metrics(path, last_step):
+    """Drop evaluations logged after the checkpoint a resumed run restarts from (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomic(path, "".join(kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training state
+
+
+@dataclass
+class Best:
+    score: float = -1.0  # mean of valid and valid2 accuracy
+    valid_acc: float = 0.0
+    valid2_acc: float = 0.0
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Progress:
+    """Where training stands; with the model, optimiser and RNG states it is everything a resume needs."""
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # batches done in total
+    order: torch.Tensor = None  # the current epoch's data order (None between epochs)
+    loss_sum: float = 0.0  # training loss summed over the current epoch's batches
+    elapsed_s: float = 0.0
+    best: Best = field(default_factory=Best)
+    wandb_id: str = None
+
+
+def should_stop(progress, args):
+    return progress.best.score >= args.stop_acc or progress.epoch >= args.num_epoch
+
+
+class Run:
+    """One training run: owns the model, optimiser, data, logs and checkpoints of a run directory."""
+
+    def __init__(self, args, run_dir, dataset, device, resuming):
+        self.args, self.run_dir, self.data, self.device = args, run_dir, dataset, device
+        self.log = setup_logging(self.path("log.txt")).info
+        self.wandb = None
+        seed_everything(args.seed)
+        self.model = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, betas=(0.9, 0.995),
+                                          eps=1e-9)
+        self.data_order = torch.Generator().manual_seed(args.seed)
+        self.progress = Progress()
+        if resuming:
+            self.restore_latest()
+        else:
+            # Re-seed so that the data order and dropout depend on the seed only, not on the model's
+            # initialisation draws.
+            seed_everything(args.seed)
+        self.start_time = time.time() - self.progress.elapsed_s
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+
+    def log_header(self, argv, resuming):
+        log, args = self.log, self.args
+        log(f"[{now()}] {'Resuming' if resuming else 'Starting'} run {self.run_dir}")
+        log(f"torch version: {torch.__version__}, device: {self.device}")
+        log(f"Command executed: {[sys.argv[0]] + list(argv)}")
+        log(f"Args: {json.dumps(vars(args), indent=2)}")
+        log(f"Input vocab size: {len(self.data.src_vocab) + 1}")
+        log(f"Output vocab size: {len(self.data.tgt_vocab) + 1}")
+        log(f"Pad ID for src: {self.data.src_pad}")
+        log(f"Pad ID for tgt: {self.data.tgt_pad}")
+        log(f"Model: {MODEL_NAMES[args.model_type]}")
+        log(f"Number of trainable params: {count_trainable_params(self.model)}")
+        log(f"{self.model}")
+        log(f"Batch size: {args.batch_size}")
+        log(f"Gradient accumulation for {args.grad_cummulate} steps.")
+        log(f"Seed: {args.seed}")
+        log(f"Learning rate: {args.learning_rate}")
+        log(f"clip at: {args.clip}")
+        if resuming:
+            log(f"Resumed after epoch {self.progress.epoch}, batch {self.progress.batch} of the next "
+                f"(step {self.progress.step}).")
+
+    def start_wandb(self):
+        import wandb
+        if self.progress.wandb_id is None:
+            self.progress.wandb_id = uuid.uuid4().hex[:12]
+        try:
+            self.wandb = wandb.init(project=self.args.project_name or "fwp-formal-lang",
+                                    name=self.args.job_name or os.path.basename(self.run_dir), dir=self.run_dir,
+                                    config=vars(self.args), id=self.progress.wandb_id, resume="allow")
+        except Exception as exc:  # no login, no network, bad project name, ...: wandb's own exception types vary
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--use_wandb: wandb could not start ({reason}); log in with `wandb login` or set "
+                             f"WANDB_MODE=offline") from None
+
+    def finish_wandb(self, exit_code):
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def save_latest(self):
+        save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         # Gradients summed so far towards the next optimiser step (--grad_cummulate > 1).
+                         "grads": [p.grad for p in self.model.parameters()],
+                         "progress": asdict(self.progress), "rng": capture_rng_state(self.data_order)},
+                        self.path("latest_model.pt"))
+
+    def restore_latest(self):
+        state = load_checkpoint(self.path("latest_model.pt"), self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for param, grad in zip(self.model.parameters(), state["grads"]):
+            param.grad = grad
+        progress = dict(state["progress"])
+        progress["best"] = Best(**progress["best"])
+        self.progress = Progress(**progress)
+        restore_rng_state(state["rng"], self.data_order)
+
+    def save_best(self):
+        save_checkpoint({"model": self.model.state_dict(), "best": asdict(self.progress.best)},
+                        self.path("best_model.pt"))
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    def train(self):
+        """Train until stop_acc or num_epoch; raises NonFiniteLoss when the loss diverges."""
+        args, progress, train = self.args, self.progress, self.data.splits["train"]
+        self.model.train()
+        with logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)]):  # log lines above the bar
+            while not should_stop(progress, args):
+                self.train_epoch(train)
+
+    def train_epoch(self, train):
+        """The rest of the current epoch (all of it unless resumed mid-epoch), stopping early at stop_acc."""
+        args, progress = self.args, self.progress
+        if progress.order is None:
+            progress.order = torch.randperm(len(train), generator=self.data_order)
+        batches = progress.order.split(args.batch_size)
+        with tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}",
+                  disable=not sys.stdout.isatty(), leave=False) as bar:
+            for index in range(progress.batch, len(batches)):
+                last_of_epoch = index == len(batches) - 1
+                step_now = last_of_epoch or (index + 1) % args.grad_cummulate == 0
+                progress.loss_sum += self.train_batch(train, batches[index], step_now)
+                progress.batch, progress.step = index + 1, progress.step + 1
+                bar.update()
+                if last_of_epoch or (args.report_every > 0 and progress.step % args.report_every == 0):
+                    self.evaluate_and_checkpoint(end_of_epoch=last_of_epoch)
+                    if should_stop(progress, args):
+                        return
+
+    def train_batch(self, split, indices, optimizer_step):
+        indices = indices.to(self.device)
+        length = int(split.lengths[indices].max())  # causal models: trimming the padding changes nothing
+        logits = self.model(split.src[indices, :length])
+        loss = sequence_loss(logits, split.tgt[indices, :length], self.data.tgt_pad)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the training loss is {loss.item()} at epoch {self.progress.epoch + 1}, "
+                                f"step {self.progress.step + 1}")
+        loss.backward()
+        if optimizer_step:
+            if self.args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def evaluate_and_checkpoint(self, end_of_epoch):
+        """Evaluate valid and valid2, log them, keep the best model and write latest_model.pt."""
+        progress, log = self.progress, self.log
+        epoch = progress.epoch + 1
+        train_loss = progress.loss_sum / progress.batch
+        if end_of_epoch:
+            progress.epoch, progress.batch, progress.order, progress.loss_sum = epoch, 0, None, 0.0
+        valid = evaluate(self.model, self.data.splits["valid"], self.data.tgt_pad, EVAL_BATCH_SIZE)
+        valid2 = evaluate(self.model, self.data.splits["test"], self.data.tgt_pad, EVAL_BATCH_SIZE)
+        progress.elapsed_s = time.time() - self.start_time
+        where = f"End epoch {epoch}" if end_of_epoch else f"epoch {epoch} / step {progress.step}"
+        log(f"[{now()}] {where} =============")
+        log(f"train loss: {train_loss}")
+        log(f"valid loss: {valid.loss}")
+        log(f"valid acc: {valid.acc:.2f} %")
+        log(f"valid2 loss: {valid2.loss}")
+        log(f"valid2 acc: {valid2.acc:.2f} %")
+        record = {"epoch": epoch, "step": progress.step, "train_loss": train_loss, "valid_loss": valid.loss,
+                  "valid_acc": valid.acc, "valid2_loss": valid2.loss, "valid2_acc": valid2.acc,
+                  "elapsed_s": round(progress.elapsed_s, 3)}
+        with open(self.path("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=progress.step)
+        score = (valid.acc + valid2.acc) / 2
+        if score > progress.best.score:
+            progress.best = Best(score, valid.acc, valid2.acc, epoch, progress.step)
+            log(f"The best model so far. {score:.2f} % [{valid.acc:.2f} %, {valid2.acc:.2f} %]")
+            self.save_best()
+            log("Saved.")
+        self.save_latest()
+
+    # -- the end ----------------------------------------------------------------------------------------------
+
+    def finish(self):
+        """Report the best checkpoint: its test accuracy and per-length counts on every evaluation split."""
+        progress, best, log = self.progress, self.progress.best, self.log
+        epochs_begun = progress.epoch + (progress.batch > 0)
+        log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
+        log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
+            f"at epoch: {best.epoch} (step {best.step})")
+        self.model.load_state_dict(load_checkpoint(self.path("best_model.pt"), self.device)["model"])
+        results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
+                   for name, split in self.data.splits.items() if name != "train"}
+        log(f"Final model test acc: {results['test'].acc:.2f} %")
+        final = {"best_step": best.step, "best_epoch": best.epoch, "valid_acc": results["valid"].acc,
+                 "valid2_acc": results["test"].acc, "test_acc": results["test"].acc,
+                 "stopped": "stop_acc" if best.score >= self.args.stop_acc else "num_epoch",
+                 "by_length": {name: {str(length): counts for length, counts in result.by_length.items()}
+                               for name, result in results.items()}}
+        if self.wandb is not None:
+            self.wandb.summary.update({"test_acc": final["test_acc"], "best_epoch": best.epoch,
+                                       "best_step": best.step})
+        write_text_atomic(self.path("final.json"), json.dumps(final, indent=2) + "\n")
+
+
+def now():
+    return datetime.now().strftime("%Y/%m/%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prepare(argv):
+    """Flags, device, data and run directory; raises UsageError for anything wrong before training."""
+    args = parse_flags(argv)
+    check_flags(args)
+    device = resolve_device(args.device)
+    resuming = args.resume is not None
+    if resuming:
+        run_dir = args.resume
+        if not os.path.isfile(os.path.join(run_dir, "latest_model.pt")):
+            raise UsageError(f"{run_dir} has no latest_model.pt: nothing to resume")
+    dataset = load_dataset(args, device)
+    if not resuming:
+        run_dir = new_run_dir(args)
+    return args, run_dir, dataset, device, resuming
+
+
+def start_run(args, run_dir, dataset, device, resuming):
+    """The Run, restored when resuming and connected to wandb when asked; raises UsageError (and removes the run
+    directory it has just created) when it cannot start."""
+    args.resume = None  # args.json and wandb's config describe the run, not how it was last started
+    run = Run(args, run_dir, dataset, device, resuming)
+    finished = resuming and os.path.exists(run.path("final.json"))
+    try:
+        if finished and should_stop(run.progress, args):
+            raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch to train it further")
+        if args.use_wandb:
+            run.start_wandb()
+    except UsageError:
+        close_logging()
+        if not resuming:
+            shutil.rmtree(run_dir)
+        raise
+    if finished:
+        os.remove(run.path("final.json"))  # training continues: the run is no longer finished
+    if resuming:
+        truncate_metrics(run.path("metrics.jsonl"), run.progress.step)
+    write_args(run_dir, args)
+    return run
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, run_dir, dataset, device, resuming = prepare(argv)
+        run = start_run(args, run_dir, dataset, device, resuming)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    run.log_header(argv, resuming)
+    exit_code = 0
+    try:
+        run.log(f"[{now()}] Start training")
+        run.train()
+        run.finish()
+    except NonFiniteLoss as exc:
+        kept = "best_model.pt is left as it was" if os.path.exists(run.path("best_model.pt")) else "no checkpoint yet"
+        run.log(f"Stopping: {exc} ({kept}; no final.json written).")
+        exit_code = EXIT_DIVERGED
+    except KeyboardInterrupt:
+        run.log(f"Interrupted. Continue from the last evaluation with: python main.py --resume {run_dir}")
+        exit_code = EXIT_INTERRUPTED
+    finally:
+        run.finish_wandb(exit_code)
+        close_logging()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The seven sequence models of the paper, selected by `--model_type`.
+
+Every model maps a (B, L) LongTensor of token ids to (B, L, out_vocab) logits and is causal: the logits at
+position t depend on tokens 0..t only. The layers work batch-first, (B, L, hidden); the fast-weight operators
+take (B, H, L, d). Equations and initialisations: ../shared/spec/models.md.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fast_transformers import fast_weight_sum
+from fast_weight import delta_net_fn
+from rec_update_fwm_tanh import rec_delta_fn
+from self_ref_v0 import self_ref_v0
+
+MODEL_NAMES = {0: "LSTM", 1: "Transformer", 2: "DeltaNet", 7: "Recurrent Delta", 8: "Linear Transformer",
+               10: "e-LSTM", 12: "SRWM"}
+
+# Directory-name form of each model (the run directory is `<slug>-<task>-<time>-<hash>`).
+MODEL_SLUGS = {0: "lstm", 1: "transformer", 2: "deltanet", 7: "recurrent-delta", 8: "linear-transformer",
+               10: "e-lstm", 12: "srwm"}
+
+RNN_TYPES = (0, 10)
+SRWM_MIN_HEAD_DIM = 4  # the SRWM emits 4 learning rates per step from a d-dimensional input: d >= 4
+
+
+class ModelConfigError(ValueError):
+    """A flag combination that cannot build a model; the message is one user-readable line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+class OneHot(nn.Module):
+    """Replaces the embedding under --no_embedding: token ids become one-hot vectors (pad row included)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, tokens):
+        return F.one_hot(tokens, self.num_classes).float()
+
+
+def sinusoidal_positions(length, dim, device, dtype):
+    """The (length, dim) table of Vaswani et al.: sin on even channels, cos on odd ones."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[:dim // 2])
+    return table.to(dtype)
+
+
+def split_heads(x, num_head):
+    """(B, L, H*w) -> (B, H, L, w)."""
+    batch, length, width = x.shape
+    return x.view(batch, length, num_head, width // num_head).permute(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, H, L, w) -> (B, L, H*w)."""
+    batch, num_head, length, width = x.shape
+    return x.permute(0, 2, 1, 3).reshape(batch, length, num_head * width)
+
+
+def elu_plus_one(x):
+    return F.elu(x) + 1.0
+
+
+def sum_normalised(x):
+    return x / x.sum(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LSTM (0) and e-LSTM (10): input layer -> recurrent body -> dropout -> output layer
+
+
+class LSTMBody(nn.Module):
+    def __init__(self, input_size, hidden_size, num_layers):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class ELSTMBody(nn.Module):
+    """One element-wise recurrent layer (Quasi-LSTM) followed by its output gate.
+
+    c_t = f_t * c_{t-1} + (1 - f_t) * z_t with z_t, f_t depending on c_{t-1} only element-wise;
+    output o_t * c_t with o_t = sigmoid(Linear([x_t; c_t])).
+    """
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.W_z = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.W_f = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.w_z = nn.Parameter(torch.empty(hidden_size))
+        self.w_f = nn.Parameter(torch.empty(hidden_size))
+        self.b_z = nn.Parameter(torch.empty(hidden_size))
+        self.b_f = nn.Parameter(torch.empty(hidden_size))
+        for param in (self.W_z, self.W_f, self.w_z, self.w_f, self.b_z, self.b_f):
+            nn.init.normal_(param, mean=0.0, std=0.1)
+        self.output_gate = nn.Linear(input_size + hidden_size, hidden_size)
+
+    def forward(self, x):
+        # The input projections of all steps are computed at once; only the element-wise recurrence loops.
+        z_in = F.linear(x, self.W_z) + self.b_z
+        f_in = F.linear(x, self.W_f) + self.b_f
+        cell = x.new_zeros(x.shape[0], self.hidden_size)
+        cells = []
+        for t in range(x.shape[1]):
+            z = torch.tanh(z_in[:, t] + self.w_z * cell)
+            f = torch.sigmoid(f_in[:, t] + self.w_f * cell)
+            cell = f * cell + (1.0 - f) * z
+            cells.append(cell)
+        cells = torch.stack(cells, dim=1)
+        return torch.sigmoid(self.output_gate(torch.cat([x, cells], dim=-1))) * cells
+
+
+class RecurrentModel(nn.Module):
+    def __init__(self, body_type, in_vocab_size, out_vocab_size, emb_size, hidden_size, num_layers, dropout,
+                 no_embedding):
+        super().__init__()
+        if no_embedding:
+            self.input_layer, input_size = OneHot(in_vocab_size), in_vocab_size
+        else:
+            self.input_layer, input_size = nn.Embedding(in_vocab_size, emb_size), emb_size
+        if body_type == "lstm":
+            self.body = LSTMBody(input_size, hidden_size, num_layers)
+        else:
+            self.body = ELSTMBody(input_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out_layer = nn.Linear(hidden_size, out_vocab_size)
+
+    def forward(self, tokens):
+        return self.out_layer(self.dropout(self.body(self.input_layer(tokens))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transformer (1)
+
+
+class TransformerModel(nn.Module):
+    """Post-norm nn.TransformerEncoder with a final LayerNorm and a causal mask; no positional encoding
+    (the original never gives this model one)."""
+
+    def __init__(self, in_vocab_size, out_vocab_size, hidden_size, num_layers, num_head, ff_factor, dropout):
+        super().__init__()
+        self.embedding = nn.Embedding(in_vocab_size, hidden_size)
+        layer = nn.TransformerEncoderLayer(d_model=hidden_size, nhead=num_head,
+                                           dim_feedforward=ff_factor * hidden_size, dropout=dropout,
+                                           activation="relu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(hidden_size),
+                                             enable_nested_tensor=False)
+        self.out_layer = nn.Linear(hidden_size, out_vocab_size)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
+        hidden = self.encoder(self.embedding(tokens), mask=mask, is_causal=True)
+        return self.out_layer(hidden)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast-weight models (2, 7, 8, 12): embedding -> num_layers x [fast-weight block, feed-forward block] -> output
+
+
+class FeedForwardBlock(nn.Module):
+    """x + Dropout(Linear(Dropout(ReLU(Linear(LayerNorm(x))))))."""
+
+    def __init__(self, hidden_size, ff_factor, dropout):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.net = nn.Sequential(nn.Linear(hidden_size, ff_factor * hidden_size), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ff_factor * hidden_size, hidden_size), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return x + self.net(self.layer_norm(x))
+
+
+class ProjectedFastWeightBlock(nn.Module):
+    """The pre-norm fast-weight block shared by the Linear Transformer, DeltaNet and Recurrent Delta:
+    h = LayerNorm(x); one bias-free projection gives, per head, slices of widths `head_slices(d)` (q, k, v and
+    possibly beta, in that order); the operator mixes them over time; x + Dropout(Linear(out)).
+    Subclasses choose the slices and `fast_weight`, the operator call."""
+
+    def __init__(self, hidden_size, num_head, dropout):
+        super().__init__()
+        self.num_head = num_head
+        self.head_dim = hidden_size // num_head
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.slices = self.head_slices(self.head_dim)
+        self.in_proj = nn.Linear(hidden_size, num_head * sum(self.slices), bias=False)
+        self.out_proj = nn.Linear(num_head * self.head_dim, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def head_slices(self, head_dim):
+        raise NotImplementedError
+
+    def fast_weight(self, *heads):
+        raise NotImplementedError
+
+    def forward(self, x):
+        heads = split_heads(self.in_proj(self.layer_norm(x)), self.num_head).split(self.slices, dim=-1)
+        return x + self.dropout(self.out_proj(merge_heads(self.fast_weight(*heads))))
+
+    def zero_fast_weights(self, like):
+        batch = like.shape[0]
+        return like.new_zeros(batch, self.num_head, self.head_dim, self.head_dim)
+
+
+class LinearAttentionBlock(ProjectedFastWeightBlock):
+    """Linear Transformer: sum update rule, q and k through elu+1."""
+
+    def head_slices(self, head_dim):
+        return (head_dim, head_dim, head_dim)
+
+    def fast_weight(self, q, k, v):
+        return fast_weight_sum(elu_plus_one(q), elu_plus_one(k), v, self.zero_fast_weights(q))
+
+
+class DeltaNetBlock(ProjectedFastWeightBlock):
+    """DeltaNet: delta update rule; q, k through elu+1 and sum normalisation; sigmoid learning rate per head."""
+
+    def head_slices(self, head_dim):
+        return (head_dim, head_dim, head_dim, 1)
+
+    def fast_weight(self, q, k, v, beta):
+        q = sum_normalised(elu_plus_one(q))
+        k = sum_normalised(elu_plus_one(k))
+        return delta_net_fn(q, k, v, torch.sigmoid(beta), self.zero_fast_weights(q))
+
+
+class RecurrentDeltaBlock(ProjectedFastWeightBlock):
+    """Recurrent Delta: raw q, k, v, beta go to the operator, which adds the recurrent terms R_* tanh(out_{t-1})
+    and applies softmax/sigmoid itself."""
+
+    def __init__(self, hidden_size, num_head, dropout):
+        super().__init__(hidden_size, num_head, dropout)
+        d = self.head_dim
+        self.R_q = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.R_k = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.R_v = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.r_b = nn.Parameter(torch.empty(1, num_head, 1, d))
+        for param in (self.R_q, self.R_k, self.R_v, self.r_b):
+            nn.init.normal_(param, mean=0.0, std=1.0 / math.sqrt(d))
+
+    def head_slices(self, head_dim):
+        return (head_dim, head_dim, head_dim, 1)
+
+    def fast_weight(self, q, k, v, beta):
+        h0 = q.new_zeros(q.shape[0], self.num_head, 1, self.head_dim)
+        return rec_delta_fn(q, k, v, beta, self.R_q, self.R_k, self.R_v, self.r_b, self.zero_fast_weights(q), h0)
+
+
+class SRWMBlock(nn.Module):
+    """Self-referential weight matrix: the residual stream itself, split into heads, is the SRWM input (no
+    LayerNorm before the op); the residual is LayerNorm(x) + Dropout(Linear(out))."""
+
+    def __init__(self, hidden_size, num_head, dropout):
+        super().__init__()
+        self.num_head = num_head
+        d = self.head_dim = hidden_size // num_head
+        std = 1.0 / math.sqrt(d)
+        self.W_y = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.W_q = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.W_k = nn.Parameter(torch.empty(1, num_head, d, d))
+        self.w_b = nn.Parameter(torch.empty(1, num_head, d, 4))
+        nn.init.normal_(self.W_y, mean=0.0, std=std)
+        nn.init.normal_(self.W_q, mean=0.0, std=0.01 * std)
+        nn.init.normal_(self.W_k, mean=0.0, std=std)
+        nn.init.normal_(self.w_b, mean=-1.0, std=std)
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.out_proj = nn.Linear(num_head * d, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        initial = [w.expand(batch, -1, -1, -1) for w in (self.W_y, self.W_q, self.W_k, self.w_b)]
+        out = self_ref_v0(split_heads(x, self.num_head), *initial)
+        return self.layer_norm(x) + self.dropout(self.out_proj(merge_heads(out)))
+
+
+FAST_WEIGHT_BLOCKS = {2: DeltaNetBlock, 7: RecurrentDeltaBlock, 8: LinearAttentionBlock, 12: SRWMBlock}
+
+
+class FastWeightModel(nn.Module):
+    def __init__(self, block_type, in_vocab_size, out_vocab_size, hidden_size, num_layers, num_head, ff_factor,
+                 dropout, use_pos_enc):
+        super().__init__()
+        self.use_pos_enc = use_pos_enc
+        self.embedding = nn.Embedding(in_vocab_size, hidden_size)
+        layers = []
+        for _ in range(num_layers):
+            layers += [block_type(hidden_size, num_head, dropout), FeedForwardBlock(hidden_size, ff_factor, dropout)]
+        self.layers = nn.Sequential(*layers)
+        self.out_layer = nn.Linear(hidden_size, out_vocab_size)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)
+        if self.use_pos_enc:
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+        return self.out_layer(self.layers(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def config_error(args):
+    """The reason `args` cannot build a model (one line), or None when they can."""
+    if args.model_type not in MODEL_NAMES:
+        return f"unknown --model_type {args.model_type}; choose one of {sorted(MODEL_NAMES)}"
+    if args.model_type in RNN_TYPES:
+        return None
+    if args.hidden_size % args.n_head != 0:
+        return f"--hidden_size {args.hidden_size} is not divisible by --n_head {args.n_head}"
+    if args.model_type == 12:
+        if not args.remove_pos_enc:
+            return "the SRWM (--model_type 12) takes no positional encoding: add --remove_pos_enc"
+        if args.hidden_size // args.n_head < SRWM_MIN_HEAD_DIM:
+            return (f"the SRWM needs a head dimension (--hidden_size / --n_head) of at least {SRWM_MIN_HEAD_DIM}, "
+                    f"got {args.hidden_size // args.n_head}")
+    return None
+
+
+def build_model(args, in_vocab_size, out_vocab_size):
+    """The model selected by `args.model_type`; vocab sizes include the padding id (len(vocab) + 1)."""
+    error = config_error(args)
+    if error:
+        raise ModelConfigError(error)
+    if args.model_type in RNN_TYPES:
+        return RecurrentModel("lstm" if args.model_type == 0 else "e-lstm", in_vocab_size, out_vocab_size,
+                              emb_size=args.emb_size, hidden_size=args.hidden_size, num_layers=args.num_layer,
+                              dropout=args.dropout, no_embedding=args.no_embedding)
+    if args.model_type == 1:
+        return TransformerModel(in_vocab_size, out_vocab_size, hidden_size=args.hidden_size,
+                                num_layers=args.num_layer, num_head=args.n_head, ff_factor=args.ff_factor,
+                                dropout=args.dropout)
+    return FastWeightModel(FAST_WEIGHT_BLOCKS[args.model_type], in_vocab_size, out_vocab_size,
+                           hidden_size=args.hidden_size, num_layers=args.num_layer, num_head=args.n_head,
+                           ff_factor=args.ff_factor, dropout=args.dropout, use_pos_enc=not args.remove_pos_enc)
+
+
+def count_trainable_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

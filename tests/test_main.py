@@ -1,0 +1,375 @@
+"""main.py end to end on tiny hand-written datasets: run files, resume, errors, NaN handling and wandb."""
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import main
+from model import build_model, count_trainable_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny LSTM run: 48 training lines in batches of 8, i.e. 6 batches per epoch.
+TINY = ["--model_type", "0", "--num_layer", "1", "--hidden_size", "16", "--emb_size", "8", "--batch_size", "8",
+        "--learning_rate", "3e-3", "--report_every", "4", "--num_epoch", "2"]
+
+
+def parity_lines(rng, count, lower, upper):
+    src, tgt = [], []
+    for _ in range(count):
+        bits = [rng.choice("01") for _ in range(rng.randint(lower, upper))]
+        ones = 0
+        labels = []
+        for bit in bits:
+            ones += bit == "1"
+            labels.append("rej" if ones % 2 else "acc")
+        src.append(" ".join(bits))
+        tgt.append(" ".join(labels))
+    return src, tgt
+
+
+def write_tiny_parity(directory, extra_bins=0, seed=0):
+    """A six-file parity dataset (plus bin{k}_50 files): train/valid lengths 2..8, test 9..12."""
+    rng = random.Random(seed)
+    splits = {"train": parity_lines(rng, 48, 2, 8), "valid": parity_lines(rng, 12, 2, 8),
+              "test": parity_lines(rng, 12, 9, 12)}
+    for k in range(2, 2 + extra_bins):
+        splits[f"bin{k}"] = parity_lines(rng, 6, 13, 16)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (src, tgt) in splits.items():
+        (directory / f"{name}_50.src").write_text("".join(line + "\n" for line in src))
+        (directory / f"{name}_50.tgt").write_text("".join(line + "\n" for line in tgt))
+    return directory
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_tiny_parity(tmp_path / "data" / "tiny")
+
+
+def run_main(tmp_path, data_dir, *flags, work_dir="runs"):
+    """main.main in-process; returns (exit code, run directory or None)."""
+    work = tmp_path / work_dir
+    before = set(work.iterdir()) if work.exists() else set()
+    code = main.main(["--data_dir", str(data_dir), "--work_dir", str(work), *flags])
+    created = sorted(set(work.iterdir()) - before) if work.exists() else []
+    assert len(created) <= 1
+    return code, (created[0] if created else None)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+def model_weights(path):
+    return main.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# -- a complete run ----------------------------------------------------------------------------------------------
+
+def test_run_writes_every_file(tmp_path, capsys):
+    data_dir = write_tiny_parity(tmp_path / "data" / "tiny", extra_bins=1)
+    code, run_dir = run_main(tmp_path, data_dir, *TINY)
+    assert code == 0
+    assert run_dir.name.startswith("lstm-tiny-")
+    assert {p.name for p in run_dir.iterdir()} == {"log.txt", "args.json", "metrics.jsonl", "best_model.pt",
+                                                   "latest_model.pt", "final.json"}
+
+    args = json.loads((run_dir / "args.json").read_text())
+    assert set(args) == {action.dest for action in main.build_parser()._actions} - {"help"}
+    assert args["hidden_size"] == 16 and args["num_epoch"] == 2
+
+    # 6 batches per epoch, reports every 4 steps: steps 4, 6 (epoch end), 8, 12 (epoch end).
+    metrics = read_metrics(run_dir)
+    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 4), (1, 6), (2, 8), (2, 12)]
+    for record in metrics:
+        assert set(record) == {"epoch", "step", "train_loss", "valid_loss", "valid_acc", "valid2_loss",
+                               "valid2_acc", "elapsed_s"}
+        assert 0 <= record["valid_acc"] <= 100 and 0 <= record["valid2_acc"] <= 100
+
+    final = json.loads((run_dir / "final.json").read_text())
+    assert set(final) == {"best_step", "best_epoch", "valid_acc", "valid2_acc", "test_acc", "stopped", "by_length"}
+    scores = [(m["valid_acc"] + m["valid2_acc"]) / 2 for m in metrics]
+    best = metrics[scores.index(max(scores))]
+    assert (final["best_step"], final["best_epoch"]) == (best["step"], best["epoch"])
+    assert final["valid_acc"] == pytest.approx(best["valid_acc"])
+    assert final["valid2_acc"] == pytest.approx(best["valid2_acc"])
+    assert final["test_acc"] == final["valid2_acc"]  # test is valid2 (Bin1)
+    assert final["stopped"] == ("stop_acc" if max(scores) >= 100 else "num_epoch")
+
+    loaded = data.load_data(str(data_dir))
+    assert set(final["by_length"]) == set(loaded.splits) - {"train"}
+    for name, counts in final["by_length"].items():
+        split = loaded.splits[name]
+        assert {int(n): total for n, (_, total) in counts.items()} == \
+            {n: split.lengths.tolist().count(n) for n in set(split.lengths.tolist())}
+    test_correct = sum(c for c, _ in final["by_length"]["test"].values())
+    assert final["test_acc"] == pytest.approx(100 * test_correct / len(loaded.splits["test"]))
+
+    log = (run_dir / "log.txt").read_text()
+    out = capsys.readouterr().out
+    model = build_model(argparse.Namespace(**args), len(loaded.src_vocab) + 1, len(loaded.tgt_vocab) + 1)
+    for text in (log, out):
+        assert f"Number of trainable params: {count_trainable_params(model)}" in text
+        assert text.count("valid acc: ") == len(metrics) and text.count("valid2 acc: ") == len(metrics)
+        assert "The best model so far." in text and "Best validation acc: " in text
+        assert f"Final model test acc: {final['test_acc']:.2f} %" in text
+
+
+def test_original_command_line_parses():
+    """The flags of the original README's training script, verbatim, with its blanks filled in."""
+    argv = ("--data_dir data/parity --level 50 --model_type 7 --num_layer 1 --hidden_size 32 --n_head 4 "
+            "--ff_factor 4 --dropout 0.0 --batch_size 32 --learning_rate 1e-3 --seed 1 --grad_cummulate 1 "
+            "--num_epoch 300 --report_every 50 --project_name 2023--formal-lang --remove_pos_enc").split()
+    args = main.build_parser().parse_args(argv)
+    assert (args.model_type, args.num_layer, args.num_epoch, args.project_name) == (7, 1, 300, "2023--formal-lang")
+    assert args.remove_pos_enc and not args.use_wandb and args.resume is None
+    main.check_flags(args)
+
+
+def test_stops_at_stop_acc(tmp_path, tiny_data):
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "0")
+    assert code == 0
+    assert len(read_metrics(run_dir)) == 1  # the first evaluation already reaches 0 %
+    assert json.loads((run_dir / "final.json").read_text())["stopped"] == "stop_acc"
+
+
+def test_missing_task_directory_is_generated(tmp_path, monkeypatch, capsys):
+    written = []
+
+    def tiny_writer(task, out_dir, seed=1, bins=1):  # the real generators take too long for the default suite
+        written.append(task)
+        write_tiny_parity(Path(out_dir))
+
+    monkeypatch.setattr(main.data, "write_task", tiny_writer)
+    code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
+    assert code == 0 and written == ["parity"]
+    assert capsys.readouterr().out.count("generating") == 1
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+
+RESUMABLE = TINY + ["--num_epoch", "3", "--dropout", "0.2", "--grad_cummulate", "3", "--stop_acc", "101"]
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, tiny_data):
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE, work_dir="straight")
+    assert code == 0
+    return run_dir
+
+
+def assert_same_run(run_dir, reference_dir):
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference_dir))
+    assert json.loads((run_dir / "final.json").read_text()) == json.loads((reference_dir / "final.json").read_text())
+    assert_same_weights(model_weights(run_dir / "best_model.pt"), model_weights(reference_dir / "best_model.pt"))
+    assert_same_weights(model_weights(run_dir / "latest_model.pt"), model_weights(reference_dir / "latest_model.pt"))
+
+
+def test_resume_with_more_epochs_matches_uninterrupted_run(tmp_path, tiny_data, uninterrupted):
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE, "--num_epoch", "1")
+    assert code == 0 and (run_dir / "final.json").exists()
+    assert main.main(["--resume", str(run_dir), "--num_epoch", "3"]) == 0
+    assert_same_run(run_dir, uninterrupted)
+    assert json.loads((run_dir / "args.json").read_text())["num_epoch"] == 3
+    assert (run_dir / "log.txt").read_text().count("Start training") == 2  # appended, not replaced
+
+
+def test_resume_after_a_kill_matches_uninterrupted_run(tmp_path, tiny_data, uninterrupted, monkeypatch):
+    """Killed mid-epoch two batches after a mid-epoch checkpoint (step 8, one batch into a 3-batch accumulation);
+    the resumed run redoes those batches from latest_model.pt."""
+    real_train_batch = main.Run.train_batch
+    calls = []
+
+    def killed_after_ten_batches(self, *args):
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_train_batch(self, *args)
+
+    monkeypatch.setattr(main.Run, "train_batch", killed_after_ten_batches)
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE)
+    assert code == main.EXIT_INTERRUPTED
+    assert not (run_dir / "final.json").exists()
+    assert [m["step"] for m in read_metrics(run_dir)] == [4, 6, 8]
+    monkeypatch.setattr(main.Run, "train_batch", real_train_batch)
+
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_resume_refuses_finished_runs_and_changed_flags(tmp_path, tiny_data, capsys):
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "1")
+    assert code == 0
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir)]) == main.EXIT_USAGE
+    assert "already finished" in capsys.readouterr().err
+    assert main.main(["--resume", str(run_dir), "--hidden_size", "32"]) == main.EXIT_USAGE
+    assert "--hidden_size cannot be changed" in capsys.readouterr().err
+    assert main.main(["--resume", str(tmp_path)]) == main.EXIT_USAGE
+
+
+# -- divergence --------------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_with_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+    real_loss = main.sequence_loss
+    calls = []
+
+    def nan_from_batch_nine(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 9 else loss
+
+    monkeypatch.setattr(main, "sequence_loss", nan_from_batch_nine)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "101")
+    assert code == main.EXIT_DIVERGED
+    assert not (run_dir / "final.json").exists()
+    assert [m["step"] for m in read_metrics(run_dir)] == [4, 6, 8]
+    stop_lines = [line for line in capsys.readouterr().out.splitlines() if "nan" in line]
+    assert len(stop_lines) == 1 and "step 9" in stop_lines[0]
+    best = main.load_checkpoint(run_dir / "best_model.pt")
+    assert all(torch.isfinite(t).all() for t in best["model"].values())
+    assert best["best"]["step"] in (4, 6, 8)
+
+
+def test_huge_learning_rate_is_caught(tmp_path, tiny_data):
+    code, run_dir = run_main(tmp_path, tiny_data, "--model_type", "8", "--num_layer", "1", "--hidden_size", "8",
+                             "--n_head", "2", "--batch_size", "8", "--learning_rate", "1e30", "--num_epoch", "3",
+                             "--report_every", "0", "--remove_pos_enc")
+    assert code == main.EXIT_DIVERGED
+    assert not (run_dir / "final.json").exists()
+
+
+# -- bad flags: one line on stderr, non-zero exit, no traceback, no run directory --------------------------------
+
+def bad_data_dirs(root):
+    unknown_token = write_tiny_parity(root / "unknown_token")
+    with open(unknown_token / "valid_50.src", "a") as f:
+        f.write("0 2 1\n")
+    with open(unknown_token / "valid_50.tgt", "a") as f:
+        f.write("acc acc rej\n")
+    mismatch = write_tiny_parity(root / "mismatch")
+    (mismatch / "test_50.tgt").write_text("acc\n" * 12)
+    return {"missing": root / "no_such_dir", "unknown_token": unknown_token, "mismatch": mismatch}
+
+
+BAD_FLAGS = {
+    "heads_do_not_divide": ["--model_type", "2", "--hidden_size", "30", "--n_head", "4"],
+    "srwm_with_pos_enc": ["--model_type", "12", "--hidden_size", "16", "--n_head", "4"],
+    "srwm_head_dim_3": ["--model_type", "12", "--hidden_size", "12", "--n_head", "4", "--remove_pos_enc"],
+    "unknown_model_type": ["--model_type", "3"],
+    "not_a_number": ["--hidden_size", "big"],
+    "cuda_without_gpu": ["--device", "cuda"],
+    "data_missing": ["--data_dir", "{missing}"],
+    "data_unknown_token": ["--data_dir", "{unknown_token}"],
+    "data_length_mismatch": ["--data_dir", "{mismatch}"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_flag_results(tmp_path_factory):
+    """All bad-flag subprocesses at once (each one pays for importing torch)."""
+    root = tmp_path_factory.mktemp("bad")
+    dirs = {name: str(path) for name, path in bad_data_dirs(root).items()}
+    good_data = str(write_tiny_parity(root / "good"))
+    procs = {}
+    for case, flags in BAD_FLAGS.items():
+        flags = [flag.format(**dirs) for flag in flags]
+        work = root / f"work_{case}"
+        procs[case] = (work, subprocess.Popen(
+            [sys.executable, "main.py", "--data_dir", good_data, *flags, "--work_dir", str(work), "--num_epoch", "1"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = {}
+    for case, (work, proc) in procs.items():
+        out, err = proc.communicate(timeout=120)
+        results[case] = (proc.returncode, out, err, work)
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_fails_with_one_line(case, bad_flag_results):
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out, err, work = bad_flag_results[case]
+    assert code != 0
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in out + err
+    assert not work.exists() or not any(work.iterdir())
+
+
+# -- wandb -------------------------------------------------------------------------------------------------------
+
+def test_wandb_offline(tmp_path, tiny_data, monkeypatch):
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, real_log = [], wandb.Run.log
+
+    def spy_log(self, record, *args, **kwargs):
+        logged.append(dict(record))
+        return real_log(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy_log)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "1", "--use_wandb",
+                             "--project_name", "test-project", "--job_name", "test-job")
+    assert code == 0
+    assert logged == read_metrics(run_dir)
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    event_files = list(offline_runs[0].glob("*.wandb"))
+    assert len(event_files) == 1
+    # The wandb service process may still be flushing the event file after finish(); its protobuf records hold
+    # the names and metric keys verbatim.
+    expected = (b"test-project", b"test-job", b"valid2_acc", b"test_acc")
+    deadline = time.time() + 30
+    while not all(text in event_files[0].read_bytes() for text in expected) and time.time() < deadline:
+        time.sleep(0.5)
+    events = event_files[0].read_bytes()
+    for text in expected:
+        assert text in events, text
+
+
+def test_wandb_that_cannot_start_is_one_error_line(tmp_path, tiny_data, monkeypatch, capsys):
+    import wandb
+
+    def no_login(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured.\nMore details here.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--use_wandb")
+    assert code == main.EXIT_USAGE and run_dir is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No API key configured." in err[0] and "WANDB_MODE=offline" in err[0]
+
+
+# -- the slow check: the LSTM learns parity ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lstm_learns_generated_parity(tmp_path):
+    data_dir = tmp_path / "parity"
+    data.write_task("parity", data_dir)
+    code, run_dir = run_main(tmp_path, data_dir, "--model_type", "0", "--num_layer", "1", "--hidden_size", "32",
+                             "--emb_size", "16", "--batch_size", "64", "--learning_rate", "3e-3", "--num_epoch", "10",
+                             "--report_every", "50")
+    assert code == 0
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["valid_acc"] == 100.0 and final["valid2_acc"] == 100.0
+    assert final["stopped"] == "stop_acc"

@@ -1,0 +1,176 @@
+"""The seven models: shapes, gradients, causality, parameter counts, initialisations and config checks."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from model import (FAST_WEIGHT_BLOCKS, MODEL_NAMES, ModelConfigError, build_model, config_error,
+                   count_trainable_params, sinusoidal_positions)
+
+IN_VOCAB, OUT_VOCAB = 5, 4
+BATCH, LENGTH = 3, 9
+
+
+def make_args(model_type, **overrides):
+    args = dict(model_type=model_type, hidden_size=16, n_head=4, num_layer=2, ff_factor=2, emb_size=8, dropout=0.0,
+                no_embedding=False, remove_pos_enc=model_type == 12)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def make_model(model_type, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(make_args(model_type, **overrides), IN_VOCAB, OUT_VOCAB)
+
+
+def random_tokens(seed=0):
+    return torch.randint(0, IN_VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+# Every model, plus the variants that change the input path: one-hot inputs and positional encoding.
+VARIANTS = [(t, {}) for t in sorted(MODEL_NAMES)] + [
+    (0, {"no_embedding": True}), (10, {"no_embedding": True}),
+    (2, {"remove_pos_enc": True}), (7, {"remove_pos_enc": True}), (8, {"remove_pos_enc": True})]
+VARIANT_IDS = [f"{t}-{'-'.join(k for k in o) or 'default'}" for t, o in VARIANTS]
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=VARIANT_IDS)
+def test_forward_shape(model_type, overrides):
+    logits = make_model(model_type, **overrides)(random_tokens())
+    assert logits.shape == (BATCH, LENGTH, OUT_VOCAB)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=VARIANT_IDS)
+def test_backward_reaches_every_parameter(model_type, overrides):
+    model = make_model(model_type, **overrides)
+    model(random_tokens()).logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=VARIANT_IDS)
+def test_causal(model_type, overrides):
+    """Changing the tokens from position t on never changes the logits before t."""
+    model = make_model(model_type, **overrides).eval()
+    tokens = random_tokens()
+    with torch.no_grad():
+        reference = model(tokens)
+        for t in (1, LENGTH // 2, LENGTH - 1):
+            changed = tokens.clone()
+            changed[:, t:] = (changed[:, t:] + 1 + torch.arange(LENGTH - t)) % IN_VOCAB
+            logits = model(changed)
+            torch.testing.assert_close(logits[:, :t], reference[:, :t], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(logits[:, t], reference[:, t]), "the changed token has no effect"
+
+
+# -- parameter counts, written out from the architecture description ---------------------------------------------
+
+def linear(n_in, n_out, bias=True):
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def layer_norm(dim):
+    return 2 * dim
+
+
+def expected_params(model_type, hidden_size, n_head, num_layer, ff_factor, emb_size, no_embedding=False, **_):
+    D, H, d, F = hidden_size, n_head, hidden_size // n_head, ff_factor * hidden_size
+    output = linear(D, OUT_VOCAB)
+    if model_type in (0, 10):
+        inp = IN_VOCAB if no_embedding else emb_size
+        embedding = 0 if no_embedding else IN_VOCAB * emb_size
+        if model_type == 0:  # nn.LSTM: per layer W_ih (4D x in), W_hh (4D x D), two biases of 4D
+            lstm = sum(4 * D * (n_in + D) + 8 * D for n_in in [inp] + [D] * (num_layer - 1))
+            return embedding + lstm + output
+        elstm = 2 * D * inp + 4 * D  # W_z, W_f; w_z, w_f, b_z, b_f
+        return embedding + elstm + linear(inp + D, D) + output
+    embedding = IN_VOCAB * D
+    if model_type == 1:
+        attention = linear(D, 3 * D) + linear(D, D)
+        layer = attention + linear(D, F) + linear(F, D) + 2 * layer_norm(D)
+        return embedding + num_layer * layer + layer_norm(D) + output
+    feed_forward = layer_norm(D) + linear(D, F) + linear(F, D)
+    out_proj = linear(H * d, D, bias=False)
+    block = {
+        8: layer_norm(D) + linear(D, H * 3 * d, bias=False) + out_proj,
+        2: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj,
+        7: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj + 3 * H * d * d + H * d,
+        12: 3 * H * d * d + H * d * 4 + layer_norm(D) + out_proj,
+    }[model_type]
+    return embedding + num_layer * (block + feed_forward) + output
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=VARIANT_IDS)
+def test_parameter_count(model_type, overrides):
+    config = dict(hidden_size=24, n_head=3, num_layer=3, ff_factor=3, emb_size=7, **overrides)
+    model = make_model(model_type, **config)
+    assert count_trainable_params(model) == expected_params(model_type, **config)
+
+
+def test_elstm_ignores_num_layer():
+    one, three = make_model(10, num_layer=1), make_model(10, num_layer=3)
+    assert count_trainable_params(one) == count_trainable_params(three)
+
+
+# -- initialisations ---------------------------------------------------------------------------------------------
+
+def assert_normal(param, mean, std):
+    values = param.detach().flatten()
+    assert abs(values.mean().item() - mean) < 4 * std / math.sqrt(values.numel())
+    assert abs(values.std().item() / std - 1) < 4 / math.sqrt(2 * values.numel())
+
+
+def test_custom_initialisations():
+    d = 32
+    srwm = make_model(12, hidden_size=4 * d, n_head=4, num_layer=1).layers[0]
+    assert_normal(srwm.W_y, 0.0, 1 / math.sqrt(d))
+    assert_normal(srwm.W_k, 0.0, 1 / math.sqrt(d))
+    assert_normal(srwm.W_q, 0.0, 0.01 / math.sqrt(d))
+    assert_normal(srwm.w_b, -1.0, 1 / math.sqrt(d))
+    rec = make_model(7, hidden_size=4 * d, n_head=4, num_layer=1).layers[0]
+    for param in (rec.R_q, rec.R_k, rec.R_v, rec.r_b):
+        assert_normal(param, 0.0, 1 / math.sqrt(d))
+    elstm = make_model(10, hidden_size=256, emb_size=64).body
+    for param in (elstm.W_z, elstm.W_f, elstm.w_z, elstm.w_f, elstm.b_z, elstm.b_f):
+        assert_normal(param, 0.0, 0.1)
+
+
+def test_fast_weight_models_share_one_class_and_differ_in_the_block():
+    models = {t: make_model(t) for t in FAST_WEIGHT_BLOCKS}
+    assert len({type(m) for m in models.values()}) == 1
+    for model_type, model in models.items():
+        assert isinstance(model.layers[0], FAST_WEIGHT_BLOCKS[model_type])
+
+
+def test_positional_encoding():
+    table = sinusoidal_positions(7, 6, "cpu", torch.float32)
+    torch.testing.assert_close(table[0], torch.tensor([0.0, 1.0] * 3))
+    torch.testing.assert_close(table[:, 0], torch.sin(torch.arange(7.0)))
+    torch.testing.assert_close(table[:, 3], torch.cos(torch.arange(7.0) / 10000 ** (2 / 6)))
+    with_pe, without_pe = make_model(2, seed=3), make_model(2, seed=3, remove_pos_enc=True)
+    tokens = random_tokens()
+    assert not torch.allclose(with_pe(tokens), without_pe(tokens))
+
+
+# -- configuration errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type,overrides,fragment", [
+    (2, {"hidden_size": 18, "n_head": 4}, "divisible"),
+    (1, {"hidden_size": 18, "n_head": 4}, "divisible"),
+    (12, {"remove_pos_enc": False}, "--remove_pos_enc"),
+    (12, {"hidden_size": 12, "n_head": 4}, "at least 4"),
+    (5, {}, "unknown --model_type"),
+])
+def test_config_errors(model_type, overrides, fragment):
+    args = make_args(model_type, **overrides)
+    assert fragment in config_error(args)
+    with pytest.raises(ModelConfigError):
+        build_model(args, IN_VOCAB, OUT_VOCAB)
+
+
+def test_rnns_do_not_need_heads():
+    assert config_error(make_args(0, hidden_size=18, n_head=4)) is None
