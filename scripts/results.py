@@ -1,0 +1,228 @@
+"""Collect main.py run directories into the paper's table and a length-generalisation plot.
+
+    python scripts/results.py [--runs results/runs] [--out_dir results]
+
+Writes OUT_DIR/table.md (one row per model, one column per task, each cell `Bin0 / Bin1` accuracy of the best
+checkpoint) and OUT_DIR/length_generalization.png (accuracy against string length, one panel per task).
+A run directory is any folder below --runs that holds an args.json. Finished runs (final.json) report their
+best checkpoint; unfinished ones the best evaluation in their metrics.jsonl so far, marked `*`.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from data import TASKS  # noqa: E402
+from model import MODEL_NAMES  # noqa: E402
+
+# The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
+MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
+TABLE_FILE = "table.md"
+PLOT_FILE = "length_generalization.png"
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    model_type: int
+    seed: int
+    bin0: float
+    bin1: float
+    finished: bool
+    by_length: dict  # split -> {length: [correct, total]}; empty for unfinished runs
+
+    @property
+    def score(self):
+        """What "best" means throughout: the mean of Bin0 and Bin1, as main.py's choice of the best checkpoint."""
+        return (self.bin0 + self.bin1) / 2
+
+
+def best_metrics_row(metrics_path):
+    """The evaluation with the highest mean of valid/valid2 accuracy (the earliest of equals), or None."""
+    best = None
+    if not metrics_path.is_file():
+        return None
+    with open(metrics_path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if best is None or row["valid_acc"] + row["valid2_acc"] > best["valid_acc"] + best["valid2_acc"]:
+                best = row
+    return best
+
+
+def read_run(run_dir):
+    """A Run from one run directory, or None when it has no evaluation yet."""
+    with open(run_dir / "args.json") as f:
+        args = json.load(f)
+    common = dict(path=run_dir, task=os.path.basename(os.path.normpath(args["data_dir"])),
+                  model_type=int(args["model_type"]), seed=int(args["seed"]))
+    final_path = run_dir / "final.json"
+    if final_path.is_file():
+        with open(final_path) as f:
+            final = json.load(f)
+        return Run(**common, bin0=final["valid_acc"], bin1=final["valid2_acc"], finished=True,
+                   by_length=final.get("by_length", {}))
+    row = best_metrics_row(run_dir / "metrics.jsonl")
+    if row is None:
+        return None
+    return Run(**common, bin0=row["valid_acc"], bin1=row["valid2_acc"], finished=False, by_length={})
+
+
+def collect_runs(root):
+    """Every run with at least one evaluation below `root`, in path order; unreadable ones are skipped, with a note."""
+    runs = []
+    for args_file in sorted(Path(root).rglob("args.json")):
+        try:
+            run = read_run(args_file.parent)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"warning: skipping {args_file.parent}: unreadable run files ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            continue
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
+def choose(runs):
+    """{(task, model_type): (chosen run, number of runs)}: the best run by score; finished, then lower seed, first."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run.task, run.model_type)].append(run)
+    return {key: (max(group, key=lambda r: (r.score, r.finished, -r.seed)), len(group))
+            for key, group in groups.items()}
+
+
+def table_tasks(chosen):
+    """The paper's eight tasks, then any other task that has runs."""
+    others = sorted({task for task, _ in chosen} - set(TASKS))
+    return list(TASKS) + others
+
+
+def one_decimal(accuracy):
+    """Truncated, not rounded, so that 100.0 always means every string was right."""
+    return str(Decimal(str(accuracy)).quantize(Decimal("0.1"), rounding=ROUND_DOWN))
+
+
+def cell(entry):
+    if entry is None:
+        return "-"
+    run, _ = entry
+    return f"{one_decimal(run.bin0)} / {one_decimal(run.bin1)}" + ("" if run.finished else "*")
+
+
+def render_table(chosen, table_dir):
+    tasks = table_tasks(chosen)
+    lines = ["# Accuracy (%) of the best checkpoint: Bin0 / Bin1", "",
+             "| Model | " + " | ".join(tasks) + " |",
+             "| --- |" + " --- |" * len(tasks)]
+    for model_type in MODEL_ORDER:
+        cells = [cell(chosen.get((task, model_type))) for task in tasks]
+        lines.append(f"| {MODEL_NAMES[model_type]} | " + " | ".join(cells) + " |")
+    lines += ["", "- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the "
+              "training lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is "
+              "the evaluation with the highest mean of Bin0 and Bin1."]
+    entries = [(task, model_type, *chosen[(task, model_type)])
+               for task in tasks for model_type in MODEL_ORDER if (task, model_type) in chosen]
+    if any(not run.finished for _, _, run, _ in entries):
+        lines.append("- `*`: the run has not finished (no final.json); its best evaluation so far in metrics.jsonl.")
+    if any(count > 1 for *_, count in entries):
+        lines.append("- Where a cell has several runs (seeds), it shows the one with the highest mean of Bin0 and "
+                     "Bin1 (see the run list).")
+    if entries:
+        lines += ["", "## Runs (directories relative to this file)", "",
+                  "| Task | Model | Seed | Runs | Status | Run directory |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, model_type, run, count in entries:
+        status = "finished" if run.finished else "unfinished"
+        lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {run.seed} | {count} | {status} | "
+                     f"{Path(os.path.relpath(run.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_by_length(by_length, bucket):
+    """[(bucket start, accuracy %)] over all evaluated splits, lengths grouped into `bucket`-wide intervals."""
+    correct, total = defaultdict(int), defaultdict(int)
+    for per_length in by_length.values():
+        for length, (num_correct, num_total) in per_length.items():
+            start = int(length) // bucket * bucket
+            correct[start] += num_correct
+            total[start] += num_total
+    return [(start, 100.0 * correct[start] / total[start]) for start in sorted(total) if total[start]]
+
+
+def plot_length_generalization(chosen, path, bucket):
+    """One panel per task with a finished run; the reason when there is no plot, else None."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install -r requirements-sweep.txt)"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in table_tasks(chosen) if any(t == task and run.by_length
+                                                    for (task, _), (run, _) in chosen.items())]
+    if not tasks:
+        return "no finished run has per-length results"
+    cols = min(len(tasks), 4)
+    rows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = dict(zip(MODEL_ORDER, plt.get_cmap("tab10").colors))
+    for ax, task in zip(axes.flat, tasks):
+        longest_bin0 = 0
+        for model_type in MODEL_ORDER:
+            run = chosen.get((task, model_type), (None,))[0]
+            if run is None or not run.by_length:
+                continue
+            longest_bin0 = max([longest_bin0] + [int(n) for n in run.by_length.get("valid", {})])
+            points = accuracy_by_length(run.by_length, bucket)
+            ax.plot([start + bucket / 2 for start, _ in points], [acc for _, acc in points], marker=".",
+                    color=colors[model_type], label=MODEL_NAMES[model_type])
+        if longest_bin0:
+            ax.axvline(longest_bin0, color="gray", linestyle="--", linewidth=1, label="longest Bin0 string")
+        ax.set_title(task)
+        ax.set_xlabel(f"string length ({bucket}-wide buckets)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="root of the run directories")
+    parser.add_argument("--out_dir", default=str(REPO_ROOT / "results"), help="where table.md and the plot go")
+    parser.add_argument("--bucket", type=int, default=10, help="width of the length buckets of the plot")
+    args = parser.parse_args(argv)
+    if not Path(args.runs).is_dir():
+        print(f"error: no run directory {args.runs}", file=sys.stderr)
+        return 2
+    if args.bucket < 1:
+        print("error: --bucket must be at least 1", file=sys.stderr)
+        return 2
+    chosen = choose(collect_runs(args.runs))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TABLE_FILE).write_text(render_table(chosen, out_dir))
+    print(f"wrote {out_dir / TABLE_FILE} ({len(chosen)} cells)")
+    no_plot_reason = plot_length_generalization(chosen, out_dir / PLOT_FILE, args.bucket)
+    print(f"no plot: {no_plot_reason}" if no_plot_reason else f"wrote {out_dir / PLOT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

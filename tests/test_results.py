@@ -1,0 +1,110 @@
+"""scripts/results.py: fixture run directories (tests/fixtures/run_dirs) into the exact table and a plot."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_RUNS = REPO_ROOT / "tests" / "fixtures" / "run_dirs"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import results  # noqa: E402
+
+# What the fixtures hold:
+# - parity / LSTM, seed 1: finished, 100 / 100.
+# - parity / Linear Transformer: seed 1 finished 60.26 / 10.04, seed 2 finished 58.07 / 19.99; seed 2 has the
+#   higher mean. Accuracies are truncated: 19.99 -> 19.9.
+# - reset_dyck / DeltaNet, seed 1: no final.json; the best metrics.jsonl row is the middle one (99.96 / 85.05),
+#   not the last one (90 / 80).
+# - reset_dyck / SRWM, seed 1: args.json and an empty metrics.jsonl: nothing to report, so `-`.
+# - my-lang / e-LSTM: a task outside the paper's eight gets its own column after them.
+EXPECTED_TABLE = """\
+# Accuracy (%) of the best checkpoint: Bin0 / Bin1
+
+| Model | parity | aa-star | abab-star | counter-2 | counter-3 | shuffle-2 | dyck-1 | reset_dyck | my-lang |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| LSTM | 100.0 / 100.0 | - | - | - | - | - | - | - | - |
+| e-LSTM | - | - | - | - | - | - | - | - | 100.0 / 50.0 |
+| Transformer | - | - | - | - | - | - | - | - | - |
+| Linear Transformer | 58.0 / 19.9 | - | - | - | - | - | - | - | - |
+| DeltaNet | - | - | - | - | - | - | - | 99.9 / 85.0* | - |
+| Recurrent Delta | - | - | - | - | - | - | - | - | - |
+| SRWM | - | - | - | - | - | - | - | - | - |
+
+- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the training \
+lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is the evaluation with the \
+highest mean of Bin0 and Bin1.
+- `*`: the run has not finished (no final.json); its best evaluation so far in metrics.jsonl.
+- Where a cell has several runs (seeds), it shows the one with the highest mean of Bin0 and Bin1 (see the run list).
+
+## Runs (directories relative to this file)
+
+| Task | Model | Seed | Runs | Status | Run directory |
+| --- | --- | --- | --- | --- | --- |
+| parity | LSTM | 1 | 1 | finished | runs/parity/lstm-seed1/lstm-parity-20240101-120000-a1b2c3 |
+| parity | Linear Transformer | 2 | 2 | finished | \
+runs/parity/linear-transformer-seed2/linear-transformer-parity-20240102-090000-0718aa |
+| reset_dyck | DeltaNet | 1 | 1 | unfinished | \
+runs/reset_dyck/deltanet-seed1/deltanet-reset_dyck-20240103-100000-bb99cc |
+| my-lang | e-LSTM | 1 | 1 | finished | runs/my-lang/e-lstm-seed1/e-lstm-my-lang-20240104-080000-123abc |
+"""
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    """A results folder laid out like the repository's: the fixture runs copied to <tmp>/runs."""
+    shutil.copytree(FIXTURE_RUNS, tmp_path / "runs")
+    return tmp_path
+
+
+def test_table_from_fixture_runs(results_dir):
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
+
+
+def test_unreadable_run_is_skipped_with_a_warning(results_dir, capsys):
+    broken = results_dir / "runs" / "parity" / "srwm-seed1" / "srwm-parity-20240105-000000-0badf0"
+    broken.mkdir(parents=True)
+    (broken / "args.json").write_text("{}")
+    (broken / "final.json").write_text("{}")
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
+    assert capsys.readouterr().err.startswith(f"warning: skipping {broken}: unreadable run files (KeyError")
+
+
+def test_plot_is_written_for_tasks_with_per_length_results(results_dir):
+    pytest.importorskip("matplotlib")
+    results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)])
+    plot = results_dir / "length_generalization.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_only_finished_runs_with_lengths_get_a_panel(results_dir):
+    chosen = results.choose(results.collect_runs(results_dir / "runs"))
+    panels = [task for task in results.table_tasks(chosen)
+              if any(t == task and run.by_length for (t, _), (run, _) in chosen.items())]
+    assert panels == ["parity"]  # reset_dyck is unfinished, my-lang's run has no per-length results
+
+
+def test_accuracy_by_length_pools_splits_into_buckets():
+    by_length = {"valid": {"3": [1, 2], "9": [2, 2], "10": [0, 1]},
+                 "test": {"12": [3, 3], "25": [0, 4]}}
+    assert results.accuracy_by_length(by_length, bucket=10) == [(0, 75.0), (10, 75.0), (20, 0.0)]
+
+
+def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    assert results.main(["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path)]) == 0
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| LSTM", "| e-LSTM", "| Transformer", "| Linear Transformer",
+                                                     "| DeltaNet", "| Recurrent Delta", "| SRWM"]
+    assert all(row.split(" | ")[1:] == ["-"] * 7 + ["- |"] for row in rows)
+    assert "## Runs" not in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "length_generalization.png").exists()
+    assert "no plot" in capsys.readouterr().out
+
+
+def test_missing_runs_folder_is_one_line_error(tmp_path, capsys):
+    assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no run directory {tmp_path / 'nothing'}\n"

@@ -1,0 +1,224 @@
+"""scripts/sweep.py and scripts/train.sh: planning, a real sweep through a local Ray instance, skipping of
+finished runs, failure reporting, and the message when Ray is missing."""
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import sweep  # noqa: E402
+
+HEADER = "task,model_type,num_layer,hidden_size,n_head,ff_factor,batch_size,learning_rate,num_epoch\n"
+# Two tiny recurrent models (no compiled kernels to build) and an SRWM whose head dimension (8 / 4 = 2) main.py
+# rejects before training: the failing run.
+TINY_CSV = HEADER + ("parity,0,1,8,1,1,16,1e-3,1\n"
+                     "parity,10,1,8,1,1,16,1e-3,1\n"
+                     "parity,12,1,8,4,1,16,1e-3,1\n")
+TINY_EXTRA = "--emb_size 8 --report_every 0"
+
+
+def write_tiny_parity(task_dir):
+    """A few dozen short parity strings per split, so that one epoch takes a fraction of a second."""
+    rng = random.Random(0)
+    task_dir.mkdir(parents=True)
+    for split, count, (low, high) in (("train", 48, (2, 8)), ("valid", 16, (2, 8)), ("test", 16, (9, 12))):
+        src, tgt = [], []
+        for _ in range(count):
+            bits = [rng.choice("01") for _ in range(rng.randint(low, high))]
+            src.append(" ".join(bits))
+            tgt.append(" ".join("acc" if bits[:i + 1].count("1") % 2 == 0 else "rej" for i in range(len(bits))))
+        (task_dir / f"{split}_50.src").write_text("\n".join(src) + "\n")
+        (task_dir / f"{split}_50.tgt").write_text("\n".join(tgt) + "\n")
+
+
+@pytest.fixture(scope="module")
+def sweep_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "hparams.csv").write_text(TINY_CSV)
+    write_tiny_parity(root / "data" / "parity")
+    return root
+
+
+def sweep_args(env, *more):
+    return ["--csv", str(env / "hparams.csv"), "--work_dir", str(env / "runs"),
+            "--data_root", str(env / "data"), "--extra", TINY_EXTRA, *more]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance for the module (starting one costs 10-20 s); sweep.py uses it instead of its own."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first_sweep(sweep_env, ray_instance):
+    """All three configurations once: (exit code, console output)."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = sweep.main(sweep_args(sweep_env))
+    return code, out.getvalue()
+
+
+def config_folder(env, slug):
+    return env / "runs" / "parity" / f"{slug}-seed1"
+
+
+def test_good_runs_finish_and_the_failing_one_is_reported(sweep_env, first_sweep):
+    code, out = first_sweep
+    assert code == 1, out
+    lines = out.splitlines()
+    progress = sorted(line.split("]")[0] + "]" for line in lines if line.startswith("["))
+    assert progress == ["[1/3]", "[2/3]", "[3/3]"], out
+    for slug, name in (("lstm", "LSTM"), ("e-lstm", "e-LSTM")):
+        [run_dir] = sweep.run_dirs(config_folder(sweep_env, slug))
+        final = json.loads((run_dir / "final.json").read_text())
+        assert any(line.endswith(f"parity {name} seed 1: finished ({final['valid_acc']:.2f}/"
+                                 f"{final['valid2_acc']:.2f} acc)") for line in lines), out
+        assert json.loads((run_dir / "args.json").read_text())["data_dir"] == str(sweep_env / "data" / "parity")
+        assert "Final model test acc" in (config_folder(sweep_env, slug) / sweep.RUN_LOG).read_text()
+    [failure] = [line for line in lines if "SRWM" in line and line.startswith("[")]
+    assert "FAILED" in failure and "head dimension" in failure, failure
+    assert lines[-1] == "2 of 3 configurations finished; 1 failed: parity SRWM seed 1"
+
+
+def test_relaunch_skips_finished_runs(sweep_env, first_sweep, ray_instance, capsys):
+    folders = [config_folder(sweep_env, slug) for slug in ("lstm", "e-lstm")]
+    before = {d: (d / "final.json").stat().st_mtime_ns for folder in folders for d in sweep.run_dirs(folder)}
+    assert sweep.main(sweep_args(sweep_env, "--models", "0", "10")) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped, finished earlier") == 2, out
+    after = {d: (d / "final.json").stat().st_mtime_ns for folder in folders for d in sweep.run_dirs(folder)}
+    assert after == before  # same single run dir per configuration, not rewritten
+
+
+def test_address_joins_an_existing_cluster_and_replaces_a_dead_run(sweep_env, ray_instance, tmp_path):
+    folder = tmp_path / "runs" / "parity" / "lstm-seed1"
+    dead_run = folder / "lstm-parity-20240101-000000-dead00"  # died before its first checkpoint
+    dead_run.mkdir(parents=True)
+    (dead_run / "args.json").write_text("{}")
+    address = ray_instance.get_runtime_context().gcs_address
+    argv = sweep_args(sweep_env, "--models", "0", "--address", address)
+    argv[argv.index("--work_dir") + 1] = str(tmp_path / "runs")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "sweep.py"), *argv],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[1/1] parity LSTM seed 1: finished" in result.stdout
+    [run_dir] = sweep.run_dirs(folder)
+    assert run_dir != dead_run and (run_dir / "final.json").is_file()
+
+
+def test_dry_run_plans_start_resume_and_skip(tmp_path, capsys):
+    (tmp_path / "hparams.csv").write_text(TINY_CSV)
+    runs = tmp_path / "runs" / "parity"
+    finished = runs / "lstm-seed1" / "lstm-parity-20240101-000000-aaaaaa"
+    resumable = runs / "e-lstm-seed1" / "e-lstm-parity-20240101-000000-bbbbbb"
+    stale = runs / "srwm-seed1" / "srwm-parity-20240101-000000-cccccc"  # died before its first checkpoint
+    for run_dir in (finished, resumable, stale):
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text("{}")
+    (finished / "final.json").write_text(json.dumps({"valid_acc": 100.0, "valid2_acc": 87.5}))
+    (resumable / "latest_model.pt").write_bytes(b"")
+
+    code = sweep.main(["--csv", str(tmp_path / "hparams.csv"), "--work_dir", str(tmp_path / "runs"),
+                       "--data_root", str(tmp_path / "data"), "--dry_run", "--cpus_per_run", "2",
+                       "--extra", "--num_epoch 3"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    train_sh = str(REPO_ROOT / "scripts" / "train.sh")
+    assert lines == [
+        "[1/3] parity LSTM seed 1: skipped, finished earlier (100.00/87.50 acc)",
+        f"parity e-LSTM seed 1: OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 bash {train_sh} --resume {resumable}",
+        f"parity SRWM seed 1: OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 bash {train_sh} parity 12 1 8 4 1 16 1e-3 "
+        f"--num_epoch 1 --seed 1 --data_dir {tmp_path / 'data' / 'parity'} "
+        f"--work_dir {runs / 'srwm-seed1'} --num_epoch 3",
+    ]
+    assert stale.is_dir() and not (tmp_path / "data").exists()  # a dry run changes nothing
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "dyck-1"], "no row for task 'dyck-1'"),
+    (["--models", "3"], "unknown model type 3"),
+    (["--extra", "--seed 2"], "--extra may not set --seed"),
+])
+def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "hparams.csv").write_text(TINY_CSV)
+    assert sweep.main(["--csv", str(tmp_path / "hparams.csv"), "--dry_run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_bad_csv_rows_are_rejected(tmp_path):
+    bad_model = tmp_path / "bad_model.csv"
+    bad_model.write_text(HEADER + "parity,5,1,8,1,1,16,1e-3,1\n")
+    with pytest.raises(sweep.SweepError, match="line 2: model_type"):
+        sweep.read_hparams(bad_model)
+    missing_column = tmp_path / "missing.csv"
+    missing_column.write_text("task,model_type\nparity,0\n")
+    with pytest.raises(sweep.SweepError, match="missing column"):
+        sweep.read_hparams(missing_column)
+
+
+def test_missing_ray_gives_install_hint(sweep_env):
+    # sys.modules["ray"] = None makes `import ray` raise ImportError, as when Ray is not installed.
+    code = ("import sys; sys.modules['ray'] = None; sys.path.insert(0, 'scripts'); import sweep; "
+            f"sys.exit(sweep.main({sweep_args(sweep_env)!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: " + sweep.RAY_MISSING + "\n"
+    assert "pip install -r requirements-sweep.txt" in sweep.RAY_MISSING
+
+
+def test_prepare_data_generates_missing_datasets_once(tmp_path):
+    sweep.prepare_data(["aa-star"], tmp_path, bins=3)
+    files = sorted(p.name for p in (tmp_path / "aa-star").iterdir())
+    assert "bin3_50.src" in files and "train_50.tgt" in files
+    stamp = (tmp_path / "aa-star" / "train_50.src").stat().st_mtime_ns
+    sweep.prepare_data(["aa-star"], tmp_path, bins=3)
+    assert (tmp_path / "aa-star" / "train_50.src").stat().st_mtime_ns == stamp
+
+
+def fake_python(tmp_path):
+    """A stand-in interpreter that prints where it runs, the kernel cache, and its arguments."""
+    script = tmp_path / "fake_python"
+    script.write_text('#!/bin/sh\necho "$PWD"\necho "$TORCH_EXTENSIONS_DIR"\necho "$@"\n')
+    script.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(script), HOME=str(tmp_path))
+    for name in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME"):
+        env.pop(name, None)
+    return env
+
+
+def test_train_sh_passes_fixed_flags_then_extra_flags(tmp_path):
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "train.sh"), "parity", "7", "1", "32", "4", "4",
+                             "64", "1e-3", "--num_epoch", "3"], cwd=tmp_path, env=fake_python(tmp_path),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    cwd, extensions_dir, argv = result.stdout.splitlines()
+    assert cwd == str(REPO_ROOT)
+    assert extensions_dir == str(tmp_path / ".cache" / "torch_extensions" / "formal_lang")
+    assert argv.split() == [
+        "main.py", "--data_dir", "data/parity", "--level", "50", "--model_type", "7", "--num_layer", "1",
+        "--hidden_size", "32", "--n_head", "4", "--ff_factor", "4", "--dropout", "0.0", "--batch_size", "64",
+        "--learning_rate", "1e-3", "--seed", "1", "--grad_cummulate", "1", "--num_epoch", "300",
+        "--report_every", "50", "--project_name", "2023--formal-lang", "--remove_pos_enc", "--num_epoch", "3"]
+
+
+def test_train_sh_resume_and_usage(tmp_path):
+    script = str(REPO_ROOT / "scripts" / "train.sh")
+    env = fake_python(tmp_path)
+    resumed = subprocess.run(["bash", script, "--resume", "/x/run"], env=env, capture_output=True, text=True)
+    assert resumed.stdout.splitlines()[-1] == "main.py --resume /x/run"
+    usage = subprocess.run(["bash", script, "parity", "7"], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stdout == ""
+    assert usage.stderr.startswith("usage: bash scripts/train.sh TASK MODEL_TYPE LAYERS SIZE HEADS FF BATCH LR")
