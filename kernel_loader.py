@@ -76,12 +76,24 @@ class _FusedOp(torch.autograd.Function):
         return (None, None, *grads, *([None] * (ctx.num_inputs - ctx.num_differentiable)))
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unsupported(description):
+    """One warning per distinct unsupported case, not one per call."""
+    warnings.warn(f"{description}; using the PyTorch reference instead (same results, slower)", stacklevel=3)
+
+
 def run_fused(folder, name, reference, num_differentiable, *inputs):
     """Run an operator through its compiled kernel, or through `reference` when no kernel applies.
 
-    The first `num_differentiable` inputs get gradients; the rest (initial states) do not.
+    The first `num_differentiable` inputs get gradients; the rest (initial states) do not. An extension may expose
+    `supports(*inputs)`; when it says False (a dtype or head size the kernel does not handle), the reference runs.
     """
     ext = extension_for(folder, name, inputs[0])
     if ext is None:
+        return reference(*inputs)
+    if hasattr(ext, "supports") and not ext.supports(*inputs):
+        sizes = sorted({t.shape[-1] for t in inputs})
+        _warn_unsupported(f"{folder}.{name}: the {inputs[0].device.type.upper()} kernel does not handle "
+                          f"{inputs[0].dtype} inputs with last dimensions {sizes}")
         return reference(*inputs)
     return _FusedOp.apply(ext, num_differentiable, *(t.contiguous() for t in inputs))
