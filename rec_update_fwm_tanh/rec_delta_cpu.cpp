@@ -1,0 +1,614 @@
+// Recurrent Delta rule (rec_delta_fn): fused CPU forward and backward over time.
+//
+// Every (batch, head) item is an independent sequential recurrence, so items run in parallel and each keeps its
+// fast weight matrix (and, in backward, its gradient) in a private buffer that stays in cache for all L steps.
+// Matrix rows are padded with zeros to whole 64-byte vectors, and every pass over a matrix walks column blocks of
+// at most four vectors whose accumulators stay in registers (see for_column_blocks).
+//
+// Backward needs W_{t-1} at every step in reverse order. Storing all of them costs L*D*D per item, and undoing the
+// updates in reverse drifts in float32, so the forward saves W every `chunk` steps (as many steps as fit a cache
+// budget) plus the small per-step vectors; the backward rebuilds each chunk's matrices from its checkpoint with the
+// same rank-1 updates. Backward only ever multiplies W_{t-1} by vectors from the right, so it rebuilds the
+// transpose, which turns those products into sums of rows. The output is saved too: s_t = tanh(out_{t-1}) is
+// recomputed from it rather than stored.
+//
+// The gradients of the shared R_q, R_k, R_v, r_b are sums over batch and time of outer(s_t, dz_t), dz_t being the
+// gradient of the pre-activations (which is the gradient of qx, kx, vx, bx). Each item accumulates its own share in
+// cache in the same pass that sends dz_t back to s_t. Items are processed in fixed groups of batch elements of one
+// head, each group owning an accumulator; the groups' sums are added after the parallel loop (no races, and the
+// result does not depend on the number of threads).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+// kernel_loader builds with plain -O3 (baseline x86-64: SSE2, no FMA); the per-item loops also get AVX2+FMA and
+// AVX-512 copies, chosen once at load time from the CPU's features (x86-64-v3/v4 levels dispatch on features;
+// "arch=<cpu name>" clones would dispatch on the CPU model and miss newer or virtualised CPUs).
+#define FWP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FWP_MULTIVERSION
+#endif
+#if defined(__GNUC__)
+// Helpers must be inlined into each clone to be compiled for its instruction set.
+#define FWP_INLINE inline __attribute__((always_inline))
+#define FWP_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FWP_INLINE inline
+#define FWP_LAMBDA_INLINE
+#endif
+
+// ---- Element-wise functions ----------------------------------------------------------------------------------
+// exp, tanh and sigmoid written so that loops over them vectorise (libm's are scalar calls and dominated the
+// forward pass). Cody-Waite reduction y = n ln2 + r, |r| <= ln2/2, then the Taylor series of expm1(r): within 2 ulp
+// of the exact result in float and double. Only arguments <= 0 are needed.
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  using Bits = int32_t;
+  static constexpr int kMantissaBits = 23, kExponentBias = 127, kDegree = 7;
+  static constexpr float kLowest = -87.0f;  // exp(kLowest) is still a normal float; lower arguments are clamped
+  static constexpr float kRoundingShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+};
+template <>
+struct ExpConstants<double> {
+  using Bits = int64_t;
+  static constexpr int kMantissaBits = 52, kExponentBias = 1023, kDegree = 13;
+  static constexpr double kLowest = -708.0;
+  static constexpr double kRoundingShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+};
+
+constexpr double factorial(int n) { return n <= 1 ? 1.0 : n * factorial(n - 1); }
+
+// sum over I <= i <= Last of r^(i-I) / (i+1)!, by Horner's rule (a recursion, not a loop, so that the enclosing
+// element-wise loop still vectorises)
+template <typename T, int I, int Last>
+FWP_INLINE T expm1_series_over_r(T r) {
+  constexpr T coefficient = T(1.0 / factorial(I + 1));
+  if constexpr (I == Last) {
+    return coefficient;
+  } else {
+    return coefficient + r * expm1_series_over_r<T, I + 1, Last>(r);
+  }
+}
+
+// For y <= 0: exp(y) = scale * (1 + p), with scale = 2^n returned through `scale` and p = expm1(r) returned.
+template <typename T>
+FWP_INLINE T expm1_reduced(T y, T& scale) {
+  using C = ExpConstants<T>;
+  using Bits = typename C::Bits;
+  y = y < C::kLowest ? C::kLowest : y;  // written so that NaN passes through
+  const T shifted = y * T(1.4426950408889634) + C::kRoundingShifter;
+  const T n = shifted - C::kRoundingShifter;
+  const T r = (y - n * C::kLn2Hi) - n * C::kLn2Lo;
+  // n sits in the low mantissa bits of `shifted`; moving it into the exponent field gives 2^n.
+  const T shifter = C::kRoundingShifter;
+  Bits shifted_bits, shifter_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(T));
+  std::memcpy(&shifter_bits, &shifter, sizeof(T));
+  const Bits scale_bits = (shifted_bits - shifter_bits + C::kExponentBias) << C::kMantissaBits;
+  std::memcpy(&scale, &scale_bits, sizeof(T));
+  return r * expm1_series_over_r<T, 0, C::kDegree - 1>(r);
+}
+
+template <typename T>
+FWP_INLINE T exp_nonpositive(T y) {
+  T scale;
+  const T p = expm1_reduced(y, scale);
+  return scale + scale * p;
+}
+
+template <typename T>
+FWP_INLINE T tanh_vectorisable(T x) {
+  T scale;  // tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)): no cancellation for small |x|
+  const T p = expm1_reduced(T(-2) * std::abs(x), scale);
+  const T em1 = scale * p + (scale - T(1));
+  const T t = -em1 / (T(2) + em1);
+  return x < 0 ? -t : t;
+}
+
+template <typename T>
+FWP_INLINE T sigmoid_vectorisable(T x) {
+  const T e = exp_nonpositive(-std::abs(x));
+  return x >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+template <typename T>
+FWP_INLINE void softmax(const T* z, T* p, int64_t n) {
+  T top = z[0];
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, z[i]);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = exp_nonpositive(z[i] - top);
+    sum += p[i];
+  }
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+template <typename T>
+FWP_INLINE T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// Gradient of softmax at its output p: dz = p * (dp - <p, dp>), written over dp.
+template <typename T>
+FWP_INLINE void softmax_backward_inplace(const T* p, T* dp, int64_t n) {
+  const T centre = dot(p, dp, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - centre);
+}
+
+// ---- Padded matrices and column blocks --------------------------------------------------------------------------
+template <typename T>
+constexpr int64_t kVector = 64 / sizeof(T);  // elements per 64-byte vector (one AVX-512 register, one cache line)
+
+template <typename T>
+int64_t padded(int64_t n) {
+  return (n + kVector<T> - 1) / kVector<T> * kVector<T>;
+}
+
+// Calls block(first_column, width) over consecutive column blocks covering [0, cols), cols being a multiple of
+// kVector<T>. width is a std::integral_constant of at most four vectors, so a block's accumulators are a
+// fixed-size array the compiler keeps in registers while the block walks down the rows.
+template <typename T, typename Block>
+FWP_INLINE void for_column_blocks(int64_t cols, Block&& block) {
+  constexpr int64_t V = kVector<T>;
+  int64_t c = 0;
+  for (; c + 4 * V <= cols; c += 4 * V) block(c, std::integral_constant<int64_t, 4 * V>{});
+  switch ((cols - c) / V) {
+    case 3: block(c, std::integral_constant<int64_t, 3 * V>{}); break;
+    case 2: block(c, std::integral_constant<int64_t, 2 * V>{}); break;
+    case 1: block(c, std::integral_constant<int64_t, V>{}); break;
+    default: break;
+  }
+}
+
+// Copies one column block to or from an accumulator array. A loop, not std::copy: a library call takes the
+// array's address and makes the compiler keep the accumulators in memory instead of registers.
+template <int64_t w, typename T>
+FWP_INLINE void copy_block(const T* from, T* to) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) to[j] = from[j];
+}
+
+// y += x @ M for M (rows, cols) with row stride cols
+template <typename T>
+FWP_INLINE void add_vec_mat(const T* x, const T* M, int64_t rows, int64_t cols, T* y) {
+  for_column_blocks<T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t w = decltype(width)::value;
+    T acc[w];
+    copy_block<w>(y + c, acc);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T x_r = x[r];
+      const T* row = M + r * cols + c;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) acc[j] += x_r * row[j];
+    }
+    copy_block<w>(acc, y + c);
+  });
+}
+
+// ---- The recurrence ---------------------------------------------------------------------------------------------
+// Steps between checkpoints: as many as the backward's rebuilt matrices fit in kRebuildBytes (half of this
+// machine's 2 MB L2; in L3 on CPUs with smaller L2, still read in order). Fewer checkpoints mean less memory to
+// allocate and fill in the forward.
+constexpr int64_t kRebuildBytes = 1024 * 1024;
+
+int64_t chunk_length(int64_t L, int64_t matrix_bytes) {
+  return std::clamp<int64_t>(kRebuildBytes / matrix_bytes, 1, std::max<int64_t>(L, 1));
+}
+
+// What the forward saves per step, side by side: [q | k | v - v_old | beta].
+struct StepLayout {
+  int64_t D;
+  int64_t size() const { return 3 * D + 1; }
+  int64_t q() const { return 0; }
+  int64_t k() const { return D; }
+  int64_t diff() const { return 2 * D; }
+  int64_t beta() const { return 3 * D; }
+};
+
+// Sizes shared by forward and backward: W and the vectors it multiplies have D_pad columns; the concatenated
+// recurrent weights R_cat = [R_q | R_k | R_v | r_b^T] have N = 3D+1 meaningful columns, padded to N_pad.
+struct Dims {
+  int64_t L, D, D_pad, N, N_pad, chunk, num_chunks;
+  template <typename T>
+  static Dims of(int64_t L, int64_t D) {
+    const int64_t D_pad = padded<T>(D);
+    const int64_t chunk = chunk_length(L, D * D_pad * static_cast<int64_t>(sizeof(T)));
+    return {L, D, D_pad, 3 * D + 1, padded<T>(3 * D + 1), chunk, (L + chunk - 1) / chunk};
+  }
+};
+
+// The write vector u = beta * (v - v_old) into u[0, D); forward and rebuild share it so that the rebuilt matrices
+// repeat the forward's arithmetic exactly.
+template <typename T>
+FWP_INLINE void write_vector(const T* step, const StepLayout& lay, T* u) {
+  const T beta = step[lay.beta()];
+  const T* diff = step + lay.diff();
+  for (int64_t m = 0; m < lay.D; ++m) u[m] = beta * diff[m];
+}
+
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> buffer;
+  T *W, *z, *s, *v_old, *u, *read;
+  explicit ForwardScratch(const Dims& d) : buffer(d.D * d.D_pad + d.N_pad + 4 * d.D_pad, T(0)) {
+    W = buffer.data();
+    z = W + d.D * d.D_pad;
+    s = z + d.N_pad;
+    v_old = s + d.D_pad;
+    u = v_old + d.D_pad;
+    read = u + d.D_pad;
+  }
+};
+
+// One (batch, head) item: qx, kx, vx and out are (L, D), bx (L), R_cat (D, N_pad), W0 (D, D), h0 (D),
+// steps (L, 3D+1), ckpt (num_chunks, D, D_pad).
+template <typename T>
+FWP_MULTIVERSION void forward_item(const T* qx, const T* kx, const T* vx, const T* bx, const T* R_cat,
+                                   const T* W0, const T* h0, T* out, T* steps, T* ckpt, const Dims& dims,
+                                   ForwardScratch<T>& sc) {
+  const int64_t L = dims.L, D = dims.D, D_pad = dims.D_pad;
+  const StepLayout lay{D};
+  // Local copies of the scratch pointers: loads through `sc` could alias the stores and stop vectorisation.
+  T* const W = sc.W;
+  T* const z = sc.z;
+  T* const s = sc.s;
+  T* const v_old = sc.v_old;
+  T* const u = sc.u;
+  T* const read = sc.read;
+  for (int64_t e = 0; e < D; ++e) std::copy(W0 + e * D, W0 + (e + 1) * D, W + e * D_pad);  // padding stays 0
+  const T* state = h0;
+  for (int64_t t = 0; t < L; ++t) {
+    if (t % dims.chunk == 0) std::copy(W, W + D * D_pad, ckpt + (t / dims.chunk) * D * D_pad);
+    T* step = steps + t * lay.size();
+    T* q = step + lay.q();
+    T* k = step + lay.k();
+    T* diff = step + lay.diff();
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) s[d] = tanh_vectorisable(state[d]);
+
+    // z = [qx_t, kx_t, vx_t, bx_t] + s @ R_cat
+    std::copy(qx + t * D, qx + (t + 1) * D, z);
+    std::copy(kx + t * D, kx + (t + 1) * D, z + D);
+    std::copy(vx + t * D, vx + (t + 1) * D, z + 2 * D);
+    z[3 * D] = bx[t];
+    add_vec_mat(s, R_cat, D, dims.N_pad, z);
+    softmax(z, q, D);
+    softmax(z + D, k, D);
+    step[lay.beta()] = sigmoid_vectorisable(z[3 * D]);
+
+    std::fill(v_old, v_old + D_pad, T(0));
+    add_vec_mat(k, W, D, D_pad, v_old);
+    for (int64_t m = 0; m < D; ++m) diff[m] = z[2 * D + m] - v_old[m];
+    write_vector(step, lay, u);
+
+    // W += outer(k, u) and read = q @ W (the updated W) in one pass.
+    for_column_blocks<T>(D_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+      constexpr int64_t w = decltype(width)::value;
+      T acc[w] = {};
+      for (int64_t e = 0; e < D; ++e) {
+        const T k_e = k[e], q_e = q[e];
+        T* row = W + e * D_pad + c;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          row[j] += k_e * u[c + j];
+          acc[j] += q_e * row[j];
+        }
+      }
+      copy_block<w>(acc, read + c);
+    });
+    std::copy(read, read + D, out + t * D);
+    state = out + t * D;
+  }
+}
+
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> buffer;
+  // W_T_chunk[j]: transpose of the W that step (chunk start + j) reads before its update, (D, D_pad).
+  T *W_T_chunk, *dW, *g, *u, *k_pad, *s, *du, *dv, *k_prev, *dv_prev, *dq, *dk, *dk_from_W, *ds;
+  explicit BackwardScratch(const Dims& d) : buffer((d.chunk + 1) * d.D * d.D_pad + 12 * d.D_pad, T(0)) {
+    W_T_chunk = buffer.data();
+    dW = W_T_chunk + d.chunk * d.D * d.D_pad;
+    T* next = dW + d.D * d.D_pad;
+    for (T** vec : {&g, &u, &k_pad, &s, &du, &dv, &k_prev, &dv_prev, &dq, &dk, &dk_from_W, &ds}) {
+      *vec = next;
+      next += d.D_pad;
+    }
+  }
+};
+
+// Fills sc.W_T_chunk for chunk c from its checkpoint and the per-step vectors.
+template <typename T>
+FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
+                              BackwardScratch<T>& sc) {
+  const int64_t D = dims.D, D_pad = dims.D_pad;
+  const StepLayout lay{D};
+  T* const W_T_chunk = sc.W_T_chunk;
+  T* const u = sc.u;
+  T* const k_pad = sc.k_pad;
+  const T* W = ckpt + c * D * D_pad;
+  for (int64_t m = 0; m < D; ++m)  // contiguous stores; the strided loads hit the same few lines for a while
+    for (int64_t e = 0; e < D; ++e) W_T_chunk[m * D_pad + e] = W[e * D_pad + m];
+  for (int64_t j = 1; j < len; ++j) {
+    const T* W_T_before = W_T_chunk + (j - 1) * D * D_pad;
+    T* W_T = W_T_chunk + j * D * D_pad;
+    const T* step = steps + (c * dims.chunk + j - 1) * lay.size();
+    write_vector(step, lay, u);
+    std::copy(step + lay.k(), step + lay.k() + D, k_pad);
+    for (int64_t m = 0; m < D; ++m) {  // W_T[m, e] = W_T_before[m, e] + u[m] k[e]: the forward's update, transposed
+      const T u_m = u[m];
+#pragma omp simd
+      for (int64_t e = 0; e < D_pad; ++e) W_T[m * D_pad + e] = W_T_before[m * D_pad + e] + u_m * k_pad[e];
+    }
+  }
+}
+
+// dz_out receives, per step, [d qx_t | d kx_t | d vx_t | d bx_t] (N). R_cat_T is (N, D_pad): R_cat transposed, so
+// the gradient flowing back into s is a sum of rows; this item's share of its gradient is added to dR_cat_T
+// (N, D_pad).
+template <typename T>
+FWP_MULTIVERSION void backward_item(const T* grad_out, const T* out, const T* h0, const T* steps, const T* ckpt,
+                                    const T* R_cat_T, T* dz_out, T* dR_cat_T, const Dims& dims,
+                                    BackwardScratch<T>& sc) {
+  const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N;
+  const StepLayout lay{D};
+  // Local copies of the scratch pointers: loads through `sc` could alias the stores and stop vectorisation.
+  T* const dW = sc.dW;
+  T* const g = sc.g;
+  T* const u = sc.u;
+  T* const s = sc.s;
+  T* const du = sc.du;
+  T* const dv = sc.dv;
+  T* const k_prev = sc.k_prev;
+  T* const dv_prev = sc.dv_prev;
+  T* const dq = sc.dq;
+  T* const dk = sc.dk;
+  T* const dk_from_W = sc.dk_from_W;
+  T* const ds = sc.ds;
+  std::fill(dW, dW + D * D_pad, T(0));
+  std::fill(ds, ds + D_pad, T(0));  // gradient reaching out_t through s_{t+1}; none after the last step
+  // The last term of step t+1's gradient w.r.t. W_t, outer(k_{t+1}, -dv_{t+1}), is added in step t's first pass.
+  std::fill(dv_prev, dv_prev + D_pad, T(0));
+  std::fill(k_prev, k_prev + D_pad, T(0));
+  for (int64_t c = dims.num_chunks - 1; c >= 0; --c) {
+    const int64_t first = c * dims.chunk;
+    const int64_t len = std::min(dims.chunk, dims.L - first);
+    rebuild_chunk(steps, ckpt, c, len, dims, sc);
+    for (int64_t j = len - 1; j >= 0; --j) {
+      const int64_t t = first + j;
+      const T* W_T_prev = sc.W_T_chunk + j * D * D_pad;
+      const T* step = steps + t * lay.size();
+      const T* q = step + lay.q();
+      const T* k = step + lay.k();
+      const T* diff = step + lay.diff();
+      const T beta = step[lay.beta()];
+      const T* state = t == 0 ? h0 : out + (t - 1) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) s[d] = tanh_vectorisable(state[d]);  // as in forward
+      write_vector(step, lay, u);
+      for (int64_t m = 0; m < D; ++m) g[m] = grad_out[t * D + m] + ds[m];  // gradient w.r.t. out_t
+
+      // out_t = q @ W_t, W_t = W_prev + outer(k, u): dW becomes the gradient w.r.t. W_t; then du = k @ dW and
+      // dk = dW @ u.
+      std::fill(dk, dk + D, T(0));
+      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+        constexpr int64_t w = decltype(width)::value;
+        T du_acc[w] = {};
+        for (int64_t e = 0; e < D; ++e) {
+          const T q_e = q[e], k_e = k[e], k_prev_e = k_prev[e];
+          T* row = dW + e * D_pad + col;
+          T dk_e = 0;
+#pragma omp simd reduction(+ : dk_e)
+          for (int64_t j2 = 0; j2 < w; ++j2) {
+            row[j2] += q_e * g[col + j2] - k_prev_e * dv_prev[col + j2];
+            du_acc[j2] += k_e * row[j2];
+            dk_e += row[j2] * u[col + j2];
+          }
+          dk[e] += dk_e;
+        }
+        copy_block<w>(du_acc, du + col);
+      });
+      // u = beta * (v - v_old), v_old = k @ W_prev: dv = beta du, d v_old = -dv.
+      const T d_beta = dot(du, diff, D);
+      for (int64_t m = 0; m < D; ++m) dv[m] = beta * du[m];
+      // dq = W_t @ g = W_prev @ g + k (u . g), and dk gets -W_prev @ dv: sums of the rows of W_prev^T.
+      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+        constexpr int64_t w = decltype(width)::value;
+        T dq_acc[w] = {}, dk_acc[w] = {};
+        for (int64_t m = 0; m < D; ++m) {
+          const T g_m = g[m], dv_m = dv[m];
+          const T* row = W_T_prev + m * D_pad + col;
+#pragma omp simd
+          for (int64_t j2 = 0; j2 < w; ++j2) {
+            dq_acc[j2] += g_m * row[j2];
+            dk_acc[j2] += dv_m * row[j2];
+          }
+        }
+        copy_block<w>(dq_acc, dq + col);
+        copy_block<w>(dk_acc, dk_from_W + col);
+      });
+      const T u_dot_g = dot(u, g, D);
+      for (int64_t e = 0; e < D; ++e) {
+        dq[e] += k[e] * u_dot_g;
+        dk[e] -= dk_from_W[e];
+      }
+      std::copy(k, k + D, k_prev);
+      std::copy(dv, dv + D, dv_prev);
+
+      // Back through the nonlinearities to the pre-activations dz = [dzq | dzk | dv | dzb].
+      softmax_backward_inplace(q, dq, D);
+      softmax_backward_inplace(k, dk, D);
+      T* const dz_t = dz_out + t * N;
+      std::copy(dq, dq + D, dz_t);
+      std::copy(dk, dk + D, dz_t + D);
+      std::copy(dv, dv + D, dz_t + 2 * D);
+      dz_t[3 * D] = d_beta * beta * (T(1) - beta);
+      // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
+      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+        constexpr int64_t w = decltype(width)::value;
+        T ds_acc[w] = {};
+        for (int64_t n = 0; n < N; ++n) {
+          const T dz_n = dz_t[n];
+          const T* row = R_cat_T + n * D_pad + col;
+          T* d_row = dR_cat_T + n * D_pad + col;
+#pragma omp simd
+          for (int64_t j2 = 0; j2 < w; ++j2) {
+            ds_acc[j2] += dz_n * row[j2];
+            d_row[j2] += dz_n * s[col + j2];
+          }
+        }
+        copy_block<w>(ds_acc, ds + col);
+      });
+      for (int64_t d = 0; d < D; ++d) ds[d] *= T(1) - s[d] * s[d];  // s = tanh(out_{t-1})
+    }
+  }
+}
+
+void check_inputs(const std::vector<at::Tensor>& inputs) {
+  const at::Tensor& qx = inputs[0];
+  TORCH_CHECK(qx.dim() == 4, "rec_delta: qx must be (B, H, L, D)");
+  const int64_t B = qx.size(0), H = qx.size(1), L = qx.size(2), D = qx.size(3);
+  TORCH_CHECK(L > 0 && D > 0, "rec_delta: the sequence length and the head dimension must be positive");
+  const std::vector<std::vector<int64_t>> shapes = {{B, H, L, D}, {B, H, L, D}, {B, H, L, D}, {B, H, L, 1},
+                                                    {1, H, D, D},  {1, H, D, D},  {1, H, D, D},  {1, H, 1, D},
+                                                    {B, H, D, D},  {B, H, 1, D}};
+  const char* names[] = {"qx", "kx", "vx", "bx", "R_q", "R_k", "R_v", "r_b", "W0", "h0"};
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK(inputs[i].sizes() == at::IntArrayRef(shapes[i]), "rec_delta: ", names[i], " has shape ",
+                inputs[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
+    TORCH_CHECK(inputs[i].device().is_cpu() && inputs[i].is_contiguous(), "rec_delta: ", names[i],
+                " must be a contiguous CPU tensor");
+    TORCH_CHECK(inputs[i].scalar_type() == qx.scalar_type(), "rec_delta: ", names[i], " has dtype ",
+                inputs[i].scalar_type(), ", expected ", qx.scalar_type());
+  }
+}
+
+// (1, H, D, 3D+1): [R_q | R_k | R_v | r_b^T] along the last dimension.
+at::Tensor concat_recurrent_weights(const at::Tensor& R_q, const at::Tensor& R_k, const at::Tensor& R_v,
+                                    const at::Tensor& r_b) {
+  return at::cat({R_q, R_k, R_v, r_b.transpose(-1, -2)}, -1);
+}
+
+// The last dimension zero-padded to `size`, contiguous.
+at::Tensor pad_last_dim(const at::Tensor& tensor, int64_t size) {
+  return at::constant_pad_nd(tensor, {0, size - tensor.size(-1)}).contiguous();
+}
+
+// Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch
+// (built from scratch_args). Items are handed out one at a time rather than in equal static shares, so a thread
+// slowed down by other processes on the machine does not leave the others waiting at the end.
+template <typename Scratch, typename ScratchArgs, typename Work>
+void parallel_items(int64_t n, const ScratchArgs& scratch_args, const Work& work) {
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch scratch(scratch_args);
+    for (int64_t i = next_item++; i < n; i = next_item++) work(i, scratch);
+  });
+}
+
+template <typename T>
+T* item_ptr(const at::Tensor& tensor, int64_t item, int64_t item_size) {
+  return tensor.data_ptr<T>() + item * item_size;
+}
+
+std::vector<at::Tensor> rec_delta_forward(const at::Tensor& qx, const at::Tensor& kx, const at::Tensor& vx,
+                                          const at::Tensor& bx, const at::Tensor& R_q, const at::Tensor& R_k,
+                                          const at::Tensor& R_v, const at::Tensor& r_b, const at::Tensor& W0,
+                                          const at::Tensor& h0) {
+  check_inputs({qx, kx, vx, bx, R_q, R_k, R_v, r_b, W0, h0});
+  const int64_t B = qx.size(0), H = qx.size(1), L = qx.size(2), D = qx.size(3);
+  at::Tensor out = at::empty({B, H, L, D}, qx.options());
+  at::Tensor steps = at::empty({B, H, L, StepLayout{D}.size()}, qx.options());
+  at::Tensor ckpt;
+  AT_DISPATCH_FLOATING_TYPES(qx.scalar_type(), "rec_delta_forward", [&] {
+    using T = scalar_t;
+    const Dims dims = Dims::of<T>(L, D);
+    const at::Tensor R_cat = pad_last_dim(concat_recurrent_weights(R_q, R_k, R_v, r_b), dims.N_pad);
+    ckpt = at::empty({B, H, dims.num_chunks, D, dims.D_pad}, qx.options());
+    parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
+      forward_item<T>(item_ptr<T>(qx, i, L * D), item_ptr<T>(kx, i, L * D), item_ptr<T>(vx, i, L * D),
+                      item_ptr<T>(bx, i, L), item_ptr<T>(R_cat, i % H, D * dims.N_pad), item_ptr<T>(W0, i, D * D),
+                      item_ptr<T>(h0, i, D), item_ptr<T>(out, i, L * D),
+                      item_ptr<T>(steps, i, L * StepLayout{D}.size()),
+                      item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad), dims, scratch);
+    });
+  });
+  return {out, /*saved:*/ out, steps, ckpt};
+}
+
+// Backward items come in groups of up to kGroupItems batch elements of one head; each group sums its items' shares
+// of the R_cat gradient in its own accumulator.
+constexpr int64_t kGroupItems = 8;
+
+std::vector<at::Tensor> rec_delta_backward(const at::Tensor& grad_out, const at::Tensor& qx, const at::Tensor& kx,
+                                           const at::Tensor& vx, const at::Tensor& bx, const at::Tensor& R_q,
+                                           const at::Tensor& R_k, const at::Tensor& R_v, const at::Tensor& r_b,
+                                           const at::Tensor& W0, const at::Tensor& h0,
+                                           const std::vector<at::Tensor>& saved) {
+  TORCH_CHECK(saved.size() == 3, "rec_delta backward: expected the 3 tensors saved by forward");
+  TORCH_CHECK(grad_out.sizes() == qx.sizes() && grad_out.is_contiguous(), "rec_delta backward: bad grad_out");
+  const at::Tensor& out = saved[0];
+  const at::Tensor& steps = saved[1];
+  const at::Tensor& ckpt = saved[2];
+  const int64_t B = qx.size(0), H = qx.size(1), L = qx.size(2), D = qx.size(3);
+  const int64_t N = 3 * D + 1;
+  const int64_t groups_per_head = (B + kGroupItems - 1) / kGroupItems;
+  at::Tensor dz = at::empty({B, H, L, N}, qx.options());
+  at::Tensor dR_cat;
+  AT_DISPATCH_FLOATING_TYPES(qx.scalar_type(), "rec_delta_backward", [&] {
+    using T = scalar_t;
+    const Dims dims = Dims::of<T>(L, D);
+    const at::Tensor R_cat_T = pad_last_dim(concat_recurrent_weights(R_q, R_k, R_v, r_b).transpose(-1, -2), dims.D_pad);
+    at::Tensor dR_cat_T_groups = at::zeros({groups_per_head, H, N, dims.D_pad}, qx.options());
+    parallel_items<BackwardScratch<T>>(H * groups_per_head, dims, [&](int64_t group, BackwardScratch<T>& scratch) {
+      const int64_t h = group / groups_per_head, first_b = (group % groups_per_head) * kGroupItems;
+      T* dR_cat_T = item_ptr<T>(dR_cat_T_groups, (group % groups_per_head) * H + h, N * dims.D_pad);
+      for (int64_t b = first_b; b < std::min(B, first_b + kGroupItems); ++b) {
+        const int64_t i = b * H + h;
+        backward_item<T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(out, i, L * D), item_ptr<T>(h0, i, D),
+                         item_ptr<T>(steps, i, L * StepLayout{D}.size()),
+                         item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad),
+                         item_ptr<T>(R_cat_T, h, N * dims.D_pad), item_ptr<T>(dz, i, L * N), dR_cat_T, dims, scratch);
+      }
+    });
+    dR_cat = dR_cat_T_groups.sum(0, /*keepdim=*/true).narrow(-1, 0, D).transpose(-1, -2);  // (1, H, D, N)
+  });
+  return {dz.narrow(-1, 0, D),
+          dz.narrow(-1, D, D),
+          dz.narrow(-1, 2 * D, D),
+          dz.narrow(-1, 3 * D, 1),
+          dR_cat.narrow(-1, 0, D).contiguous(),
+          dR_cat.narrow(-1, D, D).contiguous(),
+          dR_cat.narrow(-1, 2 * D, D).contiguous(),
+          dR_cat.narrow(-1, 3 * D, 1).transpose(-1, -2).contiguous()};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &rec_delta_forward, "Recurrent Delta rule, forward (CPU)");
+  m.def("backward", &rec_delta_backward, "Recurrent Delta rule, backward (CPU)");
+}

@@ -1,0 +1,572 @@
+// Modern self-referential weight matrix (self_ref_v0): fused CPU forward and backward over time.
+//
+// Per (batch, head) item the four matrices W_y, W_q, W_k (D x D) and w_b (D x 4) are kept side by side as one
+// D x (3D+4) matrix W = [W_y | W_q | W_k | w_b], so a step is three passes over W:
+//   z = x_t @ W = [y_t | zq | zk | zb] (before the update),  r = (q - k) @ W = q @ W - k @ W,
+//   W += outer(k, g * r) with g = [b0 (D times) | b1 (D) | b2 (D) | b3 (4)] the learning rates per column;
+// the update pass also computes the next step's z. Items run in parallel, each with W in a private buffer that
+// stays in cache for all L steps. Rows are padded with zeros to whole 64-byte vectors, and every pass walks
+// column blocks of at most four vectors whose accumulators stay in registers (see for_column_blocks).
+//
+// Backward needs each step's W in reverse order. Storing all of them costs L*D*(3D+4) per item, and undoing the
+// updates in reverse drifts in float32, so the forward saves W every `chunk` steps (as many steps as fit a cache
+// budget) plus the small per-step vectors; the backward rebuilds each chunk's matrices from its checkpoint with
+// the same rank-1 updates. Backward only multiplies them by vectors from the right, so it rebuilds the
+// transposes, which turns those products into sums of rows.
+//
+// The model passes W_y, W_q, W_k, w_b expanded over the batch; their gradients here are per batch element and
+// autograd sums them.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+// kernel_loader builds with plain -O3 (baseline x86-64: SSE2, no FMA); the per-item loops also get AVX2+FMA and
+// AVX-512 copies, chosen once at load time from the CPU's features (x86-64-v3/v4 levels dispatch on features;
+// "arch=<cpu name>" clones would dispatch on the CPU model and miss newer or virtualised CPUs).
+#define FWP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FWP_MULTIVERSION
+#endif
+#if defined(__GNUC__)
+// Helpers must be inlined into each clone to be compiled for its instruction set.
+#define FWP_INLINE inline __attribute__((always_inline))
+#define FWP_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FWP_INLINE inline
+#define FWP_LAMBDA_INLINE
+#endif
+
+// ---- Element-wise functions ----------------------------------------------------------------------------------
+// exp and sigmoid written so that loops over them vectorise (libm's are scalar calls and dominated the
+// forward pass). Cody-Waite reduction y = n ln2 + r, |r| <= ln2/2, then the Taylor series of expm1(r): within 2 ulp
+// of the exact result in float and double. Only arguments <= 0 are needed.
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  using Bits = int32_t;
+  static constexpr int kMantissaBits = 23, kExponentBias = 127, kDegree = 7;
+  static constexpr float kLowest = -87.0f;  // exp(kLowest) is still a normal float; lower arguments are clamped
+  static constexpr float kRoundingShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+};
+template <>
+struct ExpConstants<double> {
+  using Bits = int64_t;
+  static constexpr int kMantissaBits = 52, kExponentBias = 1023, kDegree = 13;
+  static constexpr double kLowest = -708.0;
+  static constexpr double kRoundingShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+};
+
+constexpr double factorial(int n) { return n <= 1 ? 1.0 : n * factorial(n - 1); }
+
+// sum over I <= i <= Last of r^(i-I) / (i+1)!, by Horner's rule (a recursion, not a loop, so that the enclosing
+// element-wise loop still vectorises)
+template <typename T, int I, int Last>
+FWP_INLINE T expm1_series_over_r(T r) {
+  constexpr T coefficient = T(1.0 / factorial(I + 1));
+  if constexpr (I == Last) {
+    return coefficient;
+  } else {
+    return coefficient + r * expm1_series_over_r<T, I + 1, Last>(r);
+  }
+}
+
+// For y <= 0: exp(y) = scale * (1 + p), with scale = 2^n returned through `scale` and p = expm1(r) returned.
+template <typename T>
+FWP_INLINE T expm1_reduced(T y, T& scale) {
+  using C = ExpConstants<T>;
+  using Bits = typename C::Bits;
+  y = y < C::kLowest ? C::kLowest : y;  // written so that NaN passes through
+  const T shifted = y * T(1.4426950408889634) + C::kRoundingShifter;
+  const T n = shifted - C::kRoundingShifter;
+  const T r = (y - n * C::kLn2Hi) - n * C::kLn2Lo;
+  // n sits in the low mantissa bits of `shifted`; moving it into the exponent field gives 2^n.
+  const T shifter = C::kRoundingShifter;
+  Bits shifted_bits, shifter_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(T));
+  std::memcpy(&shifter_bits, &shifter, sizeof(T));
+  const Bits scale_bits = (shifted_bits - shifter_bits + C::kExponentBias) << C::kMantissaBits;
+  std::memcpy(&scale, &scale_bits, sizeof(T));
+  return r * expm1_series_over_r<T, 0, C::kDegree - 1>(r);
+}
+
+template <typename T>
+FWP_INLINE T exp_nonpositive(T y) {
+  T scale;
+  const T p = expm1_reduced(y, scale);
+  return scale + scale * p;
+}
+
+template <typename T>
+FWP_INLINE T sigmoid_vectorisable(T x) {
+  const T e = exp_nonpositive(-std::abs(x));
+  return x >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+template <typename T>
+FWP_INLINE void softmax(const T* z, T* p, int64_t n) {
+  T top = z[0];
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, z[i]);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = exp_nonpositive(z[i] - top);
+    sum += p[i];
+  }
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+template <typename T>
+FWP_INLINE T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// Gradient of softmax at its output p: dz = p * (dp - <p, dp>), written over dp.
+template <typename T>
+FWP_INLINE void softmax_backward_inplace(const T* p, T* dp, int64_t n) {
+  const T centre = dot(p, dp, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - centre);
+}
+
+// ---- Padded matrices and column blocks --------------------------------------------------------------------------
+template <typename T>
+constexpr int64_t kVector = 64 / sizeof(T);  // elements per 64-byte vector (one AVX-512 register, one cache line)
+
+template <typename T>
+int64_t padded(int64_t n) {
+  return (n + kVector<T> - 1) / kVector<T> * kVector<T>;
+}
+
+// Calls block(first_column, width) over consecutive column blocks covering [0, cols), cols being a multiple of
+// kVector<T>. width is a std::integral_constant of at most four vectors, so a block's accumulators are a
+// fixed-size array the compiler keeps in registers while the block walks down the rows.
+template <typename T, typename Block>
+FWP_INLINE void for_column_blocks(int64_t cols, Block&& block) {
+  constexpr int64_t V = kVector<T>;
+  int64_t c = 0;
+  for (; c + 4 * V <= cols; c += 4 * V) block(c, std::integral_constant<int64_t, 4 * V>{});
+  switch ((cols - c) / V) {
+    case 3: block(c, std::integral_constant<int64_t, 3 * V>{}); break;
+    case 2: block(c, std::integral_constant<int64_t, 2 * V>{}); break;
+    case 1: block(c, std::integral_constant<int64_t, V>{}); break;
+    default: break;
+  }
+}
+
+// Copies one column block to or from an accumulator array. A loop, not std::copy: a library call takes the
+// array's address and makes the compiler keep the accumulators in memory instead of registers.
+template <int64_t w, typename T>
+FWP_INLINE void copy_block(const T* from, T* to) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) to[j] = from[j];
+}
+
+// y += x @ M for M (rows, cols) with row stride cols
+template <typename T>
+FWP_INLINE void add_vec_mat(const T* x, const T* M, int64_t rows, int64_t cols, T* y) {
+  for_column_blocks<T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t w = decltype(width)::value;
+    T acc[w];
+    copy_block<w>(y + c, acc);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T x_r = x[r];
+      const T* row = M + r * cols + c;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) acc[j] += x_r * row[j];
+    }
+    copy_block<w>(acc, y + c);
+  });
+}
+
+// ---- The recurrence ---------------------------------------------------------------------------------------------
+// Steps between checkpoints: as many as the backward's rebuilt matrices fit in kRebuildBytes (half of this
+// machine's 2 MB L2; in L3 on CPUs with smaller L2, still read in order). Fewer checkpoints mean less memory to
+// allocate and fill in the forward.
+constexpr int64_t kRebuildBytes = 1024 * 1024;
+
+int64_t chunk_length(int64_t L, int64_t matrix_bytes) {
+  return std::clamp<int64_t>(kRebuildBytes / matrix_bytes, 1, std::max<int64_t>(L, 1));
+}
+
+// Sizes shared by forward and backward: W is (D, N_pad) with N = 3D+4 meaningful columns; its transpose, rebuilt
+// in backward, is (N, D_pad).
+struct Dims {
+  int64_t L, D, D_pad, N, N_pad, chunk, num_chunks;
+  template <typename T>
+  static Dims of(int64_t L, int64_t D) {
+    const int64_t D_pad = padded<T>(D), N = 3 * D + 4;
+    const int64_t chunk = chunk_length(L, N * D_pad * static_cast<int64_t>(sizeof(T)));
+    return {L, D, D_pad, N, padded<T>(N), chunk, (L + chunk - 1) / chunk};
+  }
+};
+
+// What the forward saves per step, side by side: [q | k | b (4) | r (N)].
+struct StepLayout {
+  int64_t D;
+  int64_t size() const { return 5 * D + 8; }
+  int64_t q() const { return 0; }
+  int64_t k() const { return D; }
+  int64_t b() const { return 2 * D; }
+  int64_t r() const { return 2 * D + 4; }
+};
+
+// The write vector u = g * r into u[0, N) (g: the learning rate of each column); forward and rebuild share it so
+// that the rebuilt matrices repeat the forward's arithmetic exactly.
+template <typename T>
+FWP_INLINE void write_vector(const T* step, const StepLayout& lay, T* u) {
+  const int64_t D = lay.D;
+  const T* b = step + lay.b();
+  const T* r = step + lay.r();
+  for (int64_t i = 0; i < 3; ++i) {
+    const T rate = b[i];
+#pragma omp simd
+    for (int64_t m = i * D; m < (i + 1) * D; ++m) u[m] = rate * r[m];
+  }
+  for (int64_t m = 3 * D; m < 3 * D + 4; ++m) u[m] = b[3] * r[m];
+}
+
+// The four matrices of one item, as stored in the inputs (and in the gradients).
+template <typename T>
+struct ItemMatrices {
+  T *W_y, *W_q, *W_k, *w_b;
+};
+
+// W (D, N_pad) <- [W_y | W_q | W_k | w_b | 0], or the reverse split (padding dropped).
+template <typename T>
+FWP_INLINE void join_matrices(const ItemMatrices<T>& parts, int64_t D, int64_t N_pad, T* W) {
+  for (int64_t e = 0; e < D; ++e) {
+    T* row = W + e * N_pad;
+    std::copy(parts.W_y + e * D, parts.W_y + (e + 1) * D, row);
+    std::copy(parts.W_q + e * D, parts.W_q + (e + 1) * D, row + D);
+    std::copy(parts.W_k + e * D, parts.W_k + (e + 1) * D, row + 2 * D);
+    std::copy(parts.w_b + e * 4, parts.w_b + (e + 1) * 4, row + 3 * D);
+  }
+}
+
+template <typename T>
+FWP_INLINE void split_matrix(const T* W, int64_t D, int64_t N_pad, const ItemMatrices<T>& parts) {
+  for (int64_t e = 0; e < D; ++e) {
+    const T* row = W + e * N_pad;
+    std::copy(row, row + D, parts.W_y + e * D);
+    std::copy(row + D, row + 2 * D, parts.W_q + e * D);
+    std::copy(row + 2 * D, row + 3 * D, parts.W_k + e * D);
+    std::copy(row + 3 * D, row + 3 * D + 4, parts.w_b + e * 4);
+  }
+}
+
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> buffer;
+  T *W, *z, *r, *u, *a;
+  explicit ForwardScratch(const Dims& d) : buffer(d.D * d.N_pad + 3 * d.N_pad + d.D, T(0)) {
+    W = buffer.data();
+    z = W + d.D * d.N_pad;
+    r = z + d.N_pad;
+    u = r + d.N_pad;
+    a = u + d.N_pad;
+  }
+};
+
+// One (batch, head) item: x and out are (L, D), steps (L, 5D+8), ckpt (num_chunks, D, N_pad).
+template <typename T>
+FWP_MULTIVERSION void forward_item(const T* x, const ItemMatrices<T> W_in, T* out, T* steps, T* ckpt,
+                                   const Dims& dims, ForwardScratch<T>& sc) {
+  const int64_t L = dims.L, D = dims.D, N = dims.N, N_pad = dims.N_pad;
+  const StepLayout lay{D};
+  // Local copies of the scratch pointers: loads through `sc` could alias the stores and stop vectorisation.
+  T* const W = sc.W;
+  T* const z = sc.z;
+  T* const r = sc.r;
+  T* const u = sc.u;
+  T* const a = sc.a;
+  join_matrices(W_in, D, N_pad, W);  // the padding columns stay 0
+  std::fill(z, z + N_pad, T(0));
+  add_vec_mat(x, W, D, N_pad, z);
+  for (int64_t t = 0; t < L; ++t) {
+    if (t % dims.chunk == 0) std::copy(W, W + D * N_pad, ckpt + (t / dims.chunk) * D * N_pad);
+    T* step = steps + t * lay.size();
+    T* q = step + lay.q();
+    T* k = step + lay.k();
+    T* b = step + lay.b();
+    std::copy(z, z + D, out + t * D);  // y_t = x_t @ W_y, read before the update
+    softmax(z + D, q, D);
+    softmax(z + 2 * D, k, D);
+    for (int64_t i = 0; i < 4; ++i) b[i] = sigmoid_vectorisable(z[3 * D + i]);
+
+    for (int64_t e = 0; e < D; ++e) a[e] = q[e] - k[e];
+    std::fill(r, r + N_pad, T(0));
+    add_vec_mat(a, W, D, N_pad, r);
+    std::copy(r, r + N, step + lay.r());
+    write_vector(step, lay, u);
+
+    // W += outer(k, u) and z = x_{t+1} @ W (the updated W) in one pass.
+    const T* x_next = t + 1 < L ? x + (t + 1) * D : nullptr;
+    for_column_blocks<T>(N_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+      constexpr int64_t w = decltype(width)::value;
+      T acc[w] = {};
+      for (int64_t e = 0; e < D; ++e) {
+        const T k_e = k[e], x_e = x_next ? x_next[e] : T(0);
+        T* row = W + e * N_pad + c;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          row[j] += k_e * u[c + j];
+          acc[j] += x_e * row[j];
+        }
+      }
+      copy_block<w>(acc, z + c);
+    });
+  }
+}
+
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> buffer;
+  // W_T_chunk[j]: transpose of the W that step (chunk start + j) reads, (N, D_pad).
+  T *W_T_chunk, *dW, *u, *u_prev, *k_pad, *du, *dr, *dz, *da, *dx, *dk_from_dW;
+  explicit BackwardScratch(const Dims& d)
+      : buffer(d.chunk * d.N * d.D_pad + d.D * d.N_pad + 5 * d.N_pad + 4 * d.D_pad, T(0)) {
+    W_T_chunk = buffer.data();
+    dW = W_T_chunk + d.chunk * d.N * d.D_pad;
+    T* next = dW + d.D * d.N_pad;
+    for (T** vec : {&u, &u_prev, &du, &dr, &dz}) {
+      *vec = next;
+      next += d.N_pad;
+    }
+    for (T** vec : {&k_pad, &da, &dx, &dk_from_dW}) {
+      *vec = next;
+      next += d.D_pad;
+    }
+  }
+};
+
+// Fills sc.W_T_chunk for chunk c from its checkpoint and the per-step vectors.
+template <typename T>
+FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
+                              BackwardScratch<T>& sc) {
+  const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N, N_pad = dims.N_pad;
+  const StepLayout lay{D};
+  T* const W_T_chunk = sc.W_T_chunk;
+  T* const u = sc.u;
+  T* const k_pad = sc.k_pad;
+  const T* W = ckpt + c * D * N_pad;
+  for (int64_t n = 0; n < N; ++n)  // contiguous stores; the strided loads hit the same few lines for a while
+    for (int64_t e = 0; e < D; ++e) W_T_chunk[n * D_pad + e] = W[e * N_pad + n];
+  for (int64_t j = 1; j < len; ++j) {
+    const T* W_T_before = W_T_chunk + (j - 1) * N * D_pad;
+    T* W_T = W_T_chunk + j * N * D_pad;
+    const T* step = steps + (c * dims.chunk + j - 1) * lay.size();
+    write_vector(step, lay, u);
+    std::copy(step + lay.k(), step + lay.k() + D, k_pad);
+    for (int64_t n = 0; n < N; ++n) {  // W_T[n, e] = W_T_before[n, e] + u[n] k[e]: the forward's update, transposed
+      const T u_n = u[n];
+#pragma omp simd
+      for (int64_t e = 0; e < D_pad; ++e) W_T[n * D_pad + e] = W_T_before[n * D_pad + e] + u_n * k_pad[e];
+    }
+  }
+}
+
+// result = W @ coefficient, W given by its transpose W_T (N, D_pad): the sum of the rows of W_T weighted by
+// coefficient.
+template <typename T>
+FWP_INLINE void mat_vec_by_rows(const T* W_T, const T* coefficient, int64_t N, int64_t D_pad, T* result) {
+  std::fill(result, result + D_pad, T(0));
+  add_vec_mat(coefficient, W_T, N, D_pad, result);
+}
+
+// dx (L, D) and the gradients of the four matrices receive this item's gradients.
+template <typename T>
+FWP_MULTIVERSION void backward_item(const T* grad_out, const T* x, const T* steps, const T* ckpt, T* dx_out,
+                                    const ItemMatrices<T> dW_out, const Dims& dims, BackwardScratch<T>& sc) {
+  const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N, N_pad = dims.N_pad;
+  const StepLayout lay{D};
+  // Local copies of the scratch pointers: loads through `sc` could alias the stores and stop vectorisation.
+  T* const dW = sc.dW;
+  T* const u = sc.u;
+  T* const u_prev = sc.u_prev;
+  T* const du = sc.du;
+  T* const dr = sc.dr;
+  T* const dz = sc.dz;
+  T* const da = sc.da;
+  T* const dx = sc.dx;
+  T* const dk_from_dW = sc.dk_from_dW;
+  // du = k_t @ dW and dk_from_dW = dW @ u_t, dW being the gradient w.r.t. the W after step t's update; both are
+  // produced by the pass that finishes that gradient (zero after the last step).
+  std::fill(dW, dW + D * N_pad, T(0));
+  std::fill(du, du + N_pad, T(0));
+  std::fill(dk_from_dW, dk_from_dW + D_pad, T(0));
+  for (int64_t c = dims.num_chunks - 1; c >= 0; --c) {
+    const int64_t first = c * dims.chunk;
+    const int64_t len = std::min(dims.chunk, dims.L - first);
+    rebuild_chunk(steps, ckpt, c, len, dims, sc);
+    for (int64_t j = len - 1; j >= 0; --j) {
+      const int64_t t = first + j;
+      const T* W_T = sc.W_T_chunk + j * N * D_pad;
+      const T* step = steps + t * lay.size();
+      const T* q = step + lay.q();
+      const T* k = step + lay.k();
+      const T* b = step + lay.b();
+      const T* r = step + lay.r();
+      const T* x_t = x + t * D;
+
+      // u = g * r: dr = g * du, and the learning rates get the sums of du * r over their columns.
+      const T d_rate[4] = {dot(du, r, D), dot(du + D, r + D, D), dot(du + 2 * D, r + 2 * D, D),
+                           dot(du + 3 * D, r + 3 * D, 4)};
+      for (int64_t i = 0; i < 3; ++i) {
+#pragma omp simd
+        for (int64_t n = i * D; n < (i + 1) * D; ++n) dr[n] = b[i] * du[n];
+      }
+      for (int64_t n = 3 * D; n < N; ++n) dr[n] = b[3] * du[n];
+      // r = (q - k) @ W: d(q - k) = W @ dr.
+      mat_vec_by_rows(W_T, dr, N, D_pad, da);
+      // dz = gradient of z = x_t @ W = [y | zq | zk | zb].
+      std::copy(grad_out + t * D, grad_out + (t + 1) * D, dz);
+      for (int64_t e = 0; e < D; ++e) {
+        dz[D + e] = da[e];
+        dz[2 * D + e] = dk_from_dW[e] - da[e];
+      }
+      softmax_backward_inplace(q, dz + D, D);
+      softmax_backward_inplace(k, dz + 2 * D, D);
+      for (int64_t i = 0; i < 4; ++i) dz[3 * D + i] = d_rate[i] * b[i] * (T(1) - b[i]);
+      mat_vec_by_rows(W_T, dz, N, D_pad, dx);
+      std::copy(dx, dx + D, dx_out + t * D);
+
+      // dW (w.r.t. the W step t reads) += outer(q - k, dr) + outer(x_t, dz); in the same pass, du and
+      // dk_from_dW for step t-1.
+      const T* k_prev = t > 0 ? k - lay.size() : nullptr;
+      if (k_prev) write_vector(step - lay.size(), lay, u_prev);
+      std::fill(dk_from_dW, dk_from_dW + D, T(0));
+      for_column_blocks<T>(N_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+        constexpr int64_t w = decltype(width)::value;
+        T du_acc[w] = {};
+        for (int64_t e = 0; e < D; ++e) {
+          const T a_e = q[e] - k[e], x_e = x_t[e], k_prev_e = k_prev ? k_prev[e] : T(0);
+          T* row = dW + e * N_pad + col;
+          T dk_e = 0;
+#pragma omp simd reduction(+ : dk_e)
+          for (int64_t j2 = 0; j2 < w; ++j2) {
+            row[j2] += a_e * dr[col + j2] + x_e * dz[col + j2];
+            du_acc[j2] += k_prev_e * row[j2];
+            dk_e += row[j2] * u_prev[col + j2];
+          }
+          dk_from_dW[e] += dk_e;
+        }
+        copy_block<w>(du_acc, du + col);
+      });
+    }
+  }
+  split_matrix(dW, D, N_pad, dW_out);
+}
+
+void check_inputs(const std::vector<at::Tensor>& inputs) {
+  const at::Tensor& x = inputs[0];
+  TORCH_CHECK(x.dim() == 4, "self_ref_v0: x must be (B, H, L, D)");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  TORCH_CHECK(L > 0 && D > 0, "self_ref_v0: the sequence length and the head dimension must be positive");
+  const std::vector<std::vector<int64_t>> shapes = {{B, H, L, D}, {B, H, D, D}, {B, H, D, D}, {B, H, D, D},
+                                                    {B, H, D, 4}};
+  const char* names[] = {"x", "W_y", "W_q", "W_k", "w_b"};
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK(inputs[i].sizes() == at::IntArrayRef(shapes[i]), "self_ref_v0: ", names[i], " has shape ",
+                inputs[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
+    TORCH_CHECK(inputs[i].device().is_cpu() && inputs[i].is_contiguous(), "self_ref_v0: ", names[i],
+                " must be a contiguous CPU tensor");
+    TORCH_CHECK(inputs[i].scalar_type() == x.scalar_type(), "self_ref_v0: ", names[i], " has dtype ",
+                inputs[i].scalar_type(), ", expected ", x.scalar_type());
+  }
+}
+
+// Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch
+// (built from scratch_args). Items are handed out one at a time rather than in equal static shares, so a thread
+// slowed down by other processes on the machine does not leave the others waiting at the end.
+template <typename Scratch, typename ScratchArgs, typename Work>
+void parallel_items(int64_t n, const ScratchArgs& scratch_args, const Work& work) {
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch scratch(scratch_args);
+    for (int64_t i = next_item++; i < n; i = next_item++) work(i, scratch);
+  });
+}
+
+template <typename T>
+T* item_ptr(const at::Tensor& tensor, int64_t item, int64_t item_size) {
+  return tensor.data_ptr<T>() + item * item_size;
+}
+
+template <typename T>
+ItemMatrices<T> item_matrices(const at::Tensor& W_y, const at::Tensor& W_q, const at::Tensor& W_k,
+                              const at::Tensor& w_b, int64_t item) {
+  const int64_t D = W_y.size(-1);
+  return {item_ptr<T>(W_y, item, D * D), item_ptr<T>(W_q, item, D * D), item_ptr<T>(W_k, item, D * D),
+          item_ptr<T>(w_b, item, D * 4)};
+}
+
+std::vector<at::Tensor> self_ref_v0_forward(const at::Tensor& x, const at::Tensor& W_y, const at::Tensor& W_q,
+                                            const at::Tensor& W_k, const at::Tensor& w_b) {
+  check_inputs({x, W_y, W_q, W_k, w_b});
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  at::Tensor out = at::empty({B, H, L, D}, x.options());
+  at::Tensor steps = at::empty({B, H, L, StepLayout{D}.size()}, x.options());
+  at::Tensor ckpt;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "self_ref_v0_forward", [&] {
+    using T = scalar_t;
+    const Dims dims = Dims::of<T>(L, D);
+    ckpt = at::empty({B, H, dims.num_chunks, D, dims.N_pad}, x.options());
+    parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
+      forward_item<T>(item_ptr<T>(x, i, L * D), item_matrices<T>(W_y, W_q, W_k, w_b, i), item_ptr<T>(out, i, L * D),
+                      item_ptr<T>(steps, i, L * StepLayout{D}.size()),
+                      item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), dims, scratch);
+    });
+  });
+  return {out, /*saved:*/ steps, ckpt};
+}
+
+std::vector<at::Tensor> self_ref_v0_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& W_y,
+                                             const at::Tensor& W_q, const at::Tensor& W_k, const at::Tensor& w_b,
+                                             const std::vector<at::Tensor>& saved) {
+  TORCH_CHECK(saved.size() == 2, "self_ref_v0 backward: expected the 2 tensors saved by forward");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous(), "self_ref_v0 backward: bad grad_out");
+  const at::Tensor& steps = saved[0];
+  const at::Tensor& ckpt = saved[1];
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dW_y = at::empty_like(W_y), dW_q = at::empty_like(W_q), dW_k = at::empty_like(W_k);
+  at::Tensor dw_b = at::empty_like(w_b);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "self_ref_v0_backward", [&] {
+    using T = scalar_t;
+    const Dims dims = Dims::of<T>(L, D);
+    parallel_items<BackwardScratch<T>>(B * H, dims, [&](int64_t i, BackwardScratch<T>& scratch) {
+      backward_item<T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(x, i, L * D),
+                       item_ptr<T>(steps, i, L * StepLayout{D}.size()),
+                       item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), item_ptr<T>(dx, i, L * D),
+                       item_matrices<T>(dW_y, dW_q, dW_k, dw_b, i), dims, scratch);
+    });
+  });
+  return {dx, dW_y, dW_q, dW_k, dw_b};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &self_ref_v0_forward, "Self-referential weight matrix, forward (CPU)");
+  m.def("backward", &self_ref_v0_backward, "Self-referential weight matrix, backward (CPU)");
+}
