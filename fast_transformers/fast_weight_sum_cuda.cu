@@ -27,16 +27,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <string>
 #include <vector>
 
+#include "column_scan_cuda.cuh"
+
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kRowsPerLane = 8;
-constexpr int kMaxSize = kRowsPerLane * kWarpSize;
-constexpr int kThreadsPerBlock = 256;
+using namespace fwp;
+
 constexpr int kChunk = 16;
 
 // How one scan over a (rows x cols) matrix is spread over threads.
@@ -48,33 +47,9 @@ struct ScanLayout {
 };
 
 ScanLayout scan_layout(int rows, int cols) {
-  int lanes = 1;
-  while (lanes * kRowsPerLane < rows) lanes *= 2;
-  const int columns_per_warp = kWarpSize / lanes;
-  const int columns_rounded_to_warps = (cols + columns_per_warp - 1) / columns_per_warp * columns_per_warp;
-  const int columns = std::min(kThreadsPerBlock / lanes, columns_rounded_to_warps);
+  const int lanes = lanes_for(rows);
+  const int columns = columns_per_block(lanes, cols);
   return {lanes, columns, lanes * kRowsPerLane, (cols + columns - 1) / columns};
-}
-
-__device__ __forceinline__ float group_sum(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ int time_of(int step, int length, bool reverse) {
-  return reverse ? length - 1 - step : step;
-}
-
-// Copies entries [offset, offset + dst_width) of the vectors of `steps` time steps (in processing order, from
-// `first_step`) of a (length, src_width) time-major matrix into dst[step][dst_width], zero past src_width.
-__device__ void stage_steps(float* dst, const float* __restrict__ src, int length, bool reverse, int first_step,
-                            int steps, int src_width, int offset, int dst_width) {
-  for (int i = threadIdx.x; i < steps * dst_width; i += blockDim.x) {
-    const int step = i / dst_width;
-    const int col = offset + i % dst_width;
-    const int64_t t = time_of(first_step + step, length, reverse);
-    dst[i] = col < src_width ? src[t * src_width + col] : 0.f;
-  }
 }
 
 // X[:, c] = X0[:, c] (or 0); for each step t in order: X[:, c] += a_t * b_t[c]; result_t[c] = z_t . X[:, c].
@@ -163,12 +138,8 @@ at::Tensor outer_product_scan(const at::Tensor& a, const at::Tensor& b, const at
 
 // Empty when the kernels handle these inputs, else why not.
 std::string unsupported_reason(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& W0) {
-  for (const at::Tensor* t : {&q, &k, &v, &W0}) {
-    if (!t->is_cuda()) return "inputs must be CUDA tensors";
-    if (t->scalar_type() != at::kFloat) return "only float32 is implemented";
-    if (t->dim() != 4) return "inputs must have 4 dimensions";
-    if (t->device() != q.device()) return "inputs must be on one device";
-  }
+  const std::string problem = float32_cuda_problem({q, k, v, W0});
+  if (!problem.empty()) return problem;
   const int64_t E = q.size(3), M = v.size(3);
   if (k.sizes() != q.sizes() || v.sizes().slice(0, 3) != q.sizes().slice(0, 3) ||
       W0.sizes() != at::IntArrayRef({q.size(0), q.size(1), E, M}))

@@ -31,12 +31,12 @@
 #include <string>
 #include <vector>
 
+#include "../fast_transformers/column_scan_cuda.cuh"
+
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kRowsPerLane = 8;
-constexpr int kMaxSize = kRowsPerLane * kWarpSize;
-constexpr int kThreadsPerBlock = 256;
+using namespace fwp;
+
 constexpr int kMaxChunk = 16;
 constexpr int kStagingBytes = 48 * 1024;  // the dynamic shared memory every GPU grants without opting in
 
@@ -52,24 +52,12 @@ struct ScanLayout {
 
 // `row_vectors` and `column_vectors`: how many per-step vectors of each kind the kernel stages (plus beta).
 ScanLayout scan_layout(int rows, int cols, int row_vectors, int column_vectors) {
-  int lanes = 1;
-  while (lanes * kRowsPerLane < rows) lanes *= 2;
-  const int columns_per_warp = kWarpSize / lanes;
-  const int columns_rounded_to_warps = (cols + columns_per_warp - 1) / columns_per_warp * columns_per_warp;
-  const int columns = std::min(kThreadsPerBlock / lanes, columns_rounded_to_warps);
+  const int lanes = lanes_for(rows);
+  const int columns = columns_per_block(lanes, cols);
   const int padded_rows = lanes * kRowsPerLane;
   const int floats_per_step = row_vectors * padded_rows + column_vectors * columns + 1;
   const int chunk = std::min(kMaxChunk, kStagingBytes / static_cast<int>(sizeof(float)) / floats_per_step);
   return {lanes, columns, padded_rows, (cols + columns - 1) / columns, chunk, chunk * floats_per_step};
-}
-
-__device__ __forceinline__ float group_sum(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ int time_of(int step, int length, bool reverse) {
-  return reverse ? length - 1 - step : step;
 }
 
 // One thread's share of a column: rows lane, lane + lanes, ... of it, in registers.
@@ -122,18 +110,6 @@ __device__ ScanThread scan_thread(const ScanLayout& layout, int cols) {
   s.col = s.first_col + s.local_col;
   s.owns_column = s.col < cols;
   return s;
-}
-
-// Copies entries [offset, offset + dst_width) of the vectors of `steps` time steps (in processing order, from
-// `first_step`) of a (length, src_width) time-major matrix into dst[step][dst_width], zero past src_width.
-__device__ void stage_steps(float* dst, const float* __restrict__ src, int length, bool reverse, int first_step,
-                            int steps, int src_width, int offset, int dst_width) {
-  for (int i = threadIdx.x; i < steps * dst_width; i += blockDim.x) {
-    const int step = i / dst_width;
-    const int col = offset + i % dst_width;
-    const int64_t t = time_of(first_step + step, length, reverse);
-    dst[i] = col < src_width ? src[t * src_width + col] : 0.f;
-  }
 }
 
 // Forward, one column of W per group. Writes out and delta = v - v_old, both (heads, L, M).
@@ -298,12 +274,8 @@ void launch_config(const ScanLayout& layout, int64_t heads, dim3* grid, dim3* bl
 // Empty when the kernels handle these inputs, else why not.
 std::string unsupported_reason(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                                const at::Tensor& W0) {
-  for (const at::Tensor* t : {&q, &k, &v, &beta, &W0}) {
-    if (!t->is_cuda()) return "inputs must be CUDA tensors";
-    if (t->scalar_type() != at::kFloat) return "only float32 is implemented";
-    if (t->dim() != 4) return "inputs must have 4 dimensions";
-    if (t->device() != q.device()) return "inputs must be on one device";
-  }
+  const std::string problem = float32_cuda_problem({q, k, v, beta, W0});
+  if (!problem.empty()) return problem;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3), M = v.size(3);
   if (k.sizes() != q.sizes() || v.sizes() != at::IntArrayRef({B, H, L, M}) ||
       beta.sizes() != at::IntArrayRef({B, H, L, 1}) || W0.sizes() != at::IntArrayRef({B, H, E, M}))

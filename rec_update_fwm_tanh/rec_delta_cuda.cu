@@ -36,80 +36,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cmath>
 #include <string>
 #include <vector>
 
+#include "shared_matrix_cuda.cuh"
+
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kLanes = 8;  // threads per matrix row or column
-// No GPU has the shared memory for the backward beyond D = 96 (227 KB per block at most). Capping the block at
-// kLanes * 96 threads, with one block per SM (`__launch_bounds__(kMaxThreads, 1)`), lets the compiler give each
-// thread 80 registers: the kernels then need no local memory (without the 1, ptxas on sm_80 chose 40 and spilled).
-constexpr int kMaxHeadSize = 96;
-constexpr int kMaxThreads = kLanes * kMaxHeadSize;
-constexpr int kCheckpointEvery = 32;
-constexpr int kStepVectors = 5;  // s, q, k, delta, grad_out: the per-step inputs of the backward
+using namespace fwp;
 
-__host__ __device__ int padded_stride(int D) { return (D + kWarpSize - 1) / kWarpSize * kWarpSize; }
-// One group of kLanes threads per row or column, in whole warps (the shuffles use the full mask).
-int threads_for(int D) {
-  constexpr int kGroupsPerWarp = kWarpSize / kLanes;
-  return kLanes * ((D + kGroupsPerWarp - 1) / kGroupsPerWarp * kGroupsPerWarp);
-}
-__host__ __device__ int checkpoint_count(int length) { return (length + kCheckpointEvery - 1) / kCheckpointEvery; }
+constexpr int kStepVectors = 5;  // s, q, k, delta, grad_out: the per-step inputs of the backward
 
 size_t forward_shared_bytes(int D) { return sizeof(float) * (4 * D * padded_stride(D) + 6 * D); }
 size_t backward_shared_bytes(int D) {
   return sizeof(float) * (5 * D * padded_stride(D) + D + 2 * (kStepVectors * D + 1) + 5 * D);
-}
-
-// Index of entry (row, col) of a matrix in shared memory. A warp holds 4 groups of 8 lanes: in the column layout
-// lane g reads rows with row % 8 == g of 4 adjacent columns, in the row layout 4 adjacent rows at 8 adjacent
-// columns. XOR-ing the column with ((row & 3) << 3) | (row & 4) (which stays inside the row's 32-float block) puts
-// the 32 reads of either layout into 32 different banks.
-__device__ __forceinline__ int swizzled(int row, int col, int stride) {
-  return row * stride + (col ^ (((row & 3) << 3) | (row & 4)));
-}
-
-__device__ __forceinline__ float group_sum(float value) {
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float warp_sum(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
-// probs = softmax(logits[0..D)), computed by the whole calling warp; also written to `saved` (global memory).
-__device__ void warp_softmax(const float* logits, float* probs, float* saved, int D) {
-  const int lane = threadIdx.x % kWarpSize;
-  float largest = -INFINITY;
-  for (int i = lane; i < D; i += kWarpSize) largest = fmaxf(largest, logits[i]);
-  largest = warp_max(largest);
-  float total = 0.f;
-  for (int i = lane; i < D; i += kWarpSize) total += expf(logits[i] - largest);
-  total = warp_sum(total);
-  for (int i = lane; i < D; i += kWarpSize) {
-    const float p = expf(logits[i] - largest) / total;
-    probs[i] = p;
-    saved[i] = p;
-  }
-}
-
-// Copies a row-major D x D matrix from global memory into swizzled shared memory (coalesced reads).
-__device__ void load_matrix(float* dst, const float* __restrict__ src, int D, int stride) {
-  for (int i = threadIdx.x; i < D * D; i += blockDim.x) dst[swizzled(i / D, i % D, stride)] = src[i];
 }
 
 struct RecInputs {
@@ -415,20 +355,10 @@ rec_backward_kernel(RecInputs in, RecSaved saved, const float* __restrict__ grad
   }
 }
 
-int max_shared_bytes(const at::Device& device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
-  return bytes;
-}
-
 // Empty when the kernels handle these inputs, else why not.
 std::string unsupported_reason(const std::vector<at::Tensor>& inputs) {
-  for (const at::Tensor& t : inputs) {
-    if (!t.is_cuda()) return "inputs must be CUDA tensors";
-    if (t.scalar_type() != at::kFloat) return "only float32 is implemented";
-    if (t.dim() != 4) return "inputs must have 4 dimensions";
-    if (t.device() != inputs[0].device()) return "inputs must be on one device";
-  }
+  const std::string problem = float32_cuda_problem(inputs);
+  if (!problem.empty()) return problem;
   const at::Tensor& qx = inputs[0];
   const int64_t B = qx.size(0), H = qx.size(1), L = qx.size(2), D = qx.size(3);
   const std::vector<std::vector<int64_t>> expected = {{B, H, L, D}, {B, H, L, D}, {B, H, L, D}, {B, H, L, 1},

@@ -37,30 +37,18 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cmath>
 #include <string>
 #include <vector>
 
+#include "../rec_update_fwm_tanh/shared_matrix_cuda.cuh"
+
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kLanes = 8;  // threads per matrix row or column
-// No GPU has the shared memory for the backward beyond D = 96 (227 KB per block at most). Capping the block at
-// kLanes * 96 threads, with one block per SM (`__launch_bounds__(kMaxThreads, 1)`), lets the compiler give each
-// thread 80 registers: the kernels then need no local memory (without the 1, ptxas on sm_80 chose 40 and spilled).
-constexpr int kMaxHeadSize = 96;
-constexpr int kMaxThreads = kLanes * kMaxHeadSize;
-constexpr int kCheckpointEvery = 32;
+using namespace fwp;
+
 constexpr int kSquare = 3;  // W_y, W_q, W_k; w_b (D x kGates) is kept apart
 constexpr int kGates = 4;
 
-__host__ __device__ int padded_stride(int D) { return (D + kWarpSize - 1) / kWarpSize * kWarpSize; }
-// One group of kLanes threads per row or column, in whole warps (the shuffles use the full mask).
-int threads_for(int D) {
-  constexpr int kGroupsPerWarp = kWarpSize / kLanes;
-  return kLanes * ((D + kGroupsPerWarp - 1) / kGroupsPerWarp * kGroupsPerWarp);
-}
-__host__ __device__ int checkpoint_count(int length) { return (length + kCheckpointEvery - 1) / kCheckpointEvery; }
 // Per-step inputs of the backward: x, q, k, delta_y, delta_q, delta_k, grad_out (D each), delta_b, gates (4 each).
 __host__ __device__ int step_floats(int D) { return 7 * D + 2 * kGates; }
 
@@ -69,48 +57,6 @@ size_t forward_shared_bytes(int D) {
 }
 size_t backward_shared_bytes(int D) {
   return sizeof(float) * (2 * (kSquare * D * padded_stride(D) + kGates * D) + 2 * step_floats(D) + 5 * D + kGates);
-}
-
-// Index of entry (row, col) of a D x D matrix in shared memory. A warp holds 4 groups of 8 lanes: in the column
-// layout lane g reads rows with row % 8 == g of 4 adjacent columns, in the row layout 4 adjacent rows at 8 adjacent
-// columns. XOR-ing the column with ((row & 3) << 3) | (row & 4) (which stays inside the row's 32-float block) puts
-// the 32 reads of either layout into 32 different banks.
-__device__ __forceinline__ int swizzled(int row, int col, int stride) {
-  return row * stride + (col ^ (((row & 3) << 3) | (row & 4)));
-}
-
-__device__ __forceinline__ float group_sum(float value) {
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float warp_sum(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
-// probs = softmax(logits[0..D)), computed by the whole calling warp; also written to `saved` (global memory).
-__device__ void warp_softmax(const float* logits, float* probs, float* saved, int D) {
-  const int lane = threadIdx.x % kWarpSize;
-  float largest = -INFINITY;
-  for (int i = lane; i < D; i += kWarpSize) largest = fmaxf(largest, logits[i]);
-  largest = warp_max(largest);
-  float total = 0.f;
-  for (int i = lane; i < D; i += kWarpSize) total += expf(logits[i] - largest);
-  total = warp_sum(total);
-  for (int i = lane; i < D; i += kWarpSize) {
-    const float p = expf(logits[i] - largest) / total;
-    probs[i] = p;
-    saved[i] = p;
-  }
 }
 
 // The three D x D matrices (swizzled, one after another) and w_b (row-major D x kGates), in shared memory.
@@ -125,12 +71,8 @@ __device__ Matrices carve_matrices(float* shared, int D, int stride) {
 
 __device__ int matrices_floats(int D, int stride) { return kSquare * D * stride + kGates * D; }
 
-// Row-major D x D matrix from global memory into swizzled shared memory (coalesced reads), and back.
-__device__ void load_square(float* dst, const float* __restrict__ src, int D, int stride) {
-  for (int i = threadIdx.x; i < D * D; i += blockDim.x) dst[swizzled(i / D, i % D, stride)] = src[i];
-}
-
-__device__ void store_square(float* __restrict__ dst, const float* src, int D, int stride) {
+// The inverse of load_matrix: swizzled shared memory back to a row-major D x D matrix in global memory.
+__device__ void store_matrix(float* __restrict__ dst, const float* src, int D, int stride) {
   for (int i = threadIdx.x; i < D * D; i += blockDim.x) dst[i] = src[swizzled(i / D, i % D, stride)];
 }
 
@@ -180,7 +122,7 @@ srwm_forward_kernel(SrwmInputs in, SrwmSaved saved, float* __restrict__ out, int
   const bool owns_gate_column = col < kGates;
 
 #pragma unroll
-  for (int i = 0; i < kSquare; ++i) load_square(W.square + i * D * stride, in.square[i] + bh * matrix, D, stride);
+  for (int i = 0; i < kSquare; ++i) load_matrix(W.square + i * D * stride, in.square[i] + bh * matrix, D, stride);
   for (int i = threadIdx.x; i < D * kGates; i += blockDim.x) W.gates[i] = in.gates[bh * D * kGates + i];
   const float* x = in.x + bh * sequence;
   for (int i = threadIdx.x; i < D; i += blockDim.x) x_buffers[i] = x[i];
@@ -330,7 +272,7 @@ srwm_backward_kernel(SrwmInputs in, SrwmSaved saved, const float* __restrict__ g
     __syncthreads();  // the previous step is complete
     const int64_t n = bh * checkpoint_count(length) + chunk;
     for (int i = 0; i < kSquare; ++i)
-      load_square(W.square + i * D * stride, saved.square_checkpoints + (n * kSquare + i) * matrix, D, stride);
+      load_matrix(W.square + i * D * stride, saved.square_checkpoints + (n * kSquare + i) * matrix, D, stride);
     for (int i = threadIdx.x; i < D * kGates; i += blockDim.x) W.gates[i] = saved.gates_checkpoints[n * D * kGates + i];
     __syncthreads();
     const int last = min(length, (chunk + 1) * kCheckpointEvery) - 1;
@@ -453,24 +395,14 @@ srwm_backward_kernel(SrwmInputs in, SrwmSaved saved, const float* __restrict__ g
   // G now holds the gradients of the initial matrices.
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kSquare; ++i) store_square(grads.dsquare[i] + bh * matrix, G.square + i * D * stride, D, stride);
+  for (int i = 0; i < kSquare; ++i) store_matrix(grads.dsquare[i] + bh * matrix, G.square + i * D * stride, D, stride);
   for (int i = threadIdx.x; i < D * kGates; i += blockDim.x) grads.dgates[bh * D * kGates + i] = G.gates[i];
-}
-
-int max_shared_bytes(const at::Device& device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
-  return bytes;
 }
 
 // Empty when the kernels handle these inputs, else why not.
 std::string unsupported_reason(const std::vector<at::Tensor>& inputs) {
-  for (const at::Tensor& t : inputs) {
-    if (!t.is_cuda()) return "inputs must be CUDA tensors";
-    if (t.scalar_type() != at::kFloat) return "only float32 is implemented";
-    if (t.dim() != 4) return "inputs must have 4 dimensions";
-    if (t.device() != inputs[0].device()) return "inputs must be on one device";
-  }
+  const std::string problem = float32_cuda_problem(inputs);
+  if (!problem.empty()) return problem;
   const at::Tensor& x = inputs[0];
   const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
   const std::vector<int64_t> square = {B, H, D, D}, gates = {B, H, D, kGates};
