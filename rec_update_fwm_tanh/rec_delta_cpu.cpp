@@ -425,7 +425,15 @@ std::vector<at::Tensor> rec_delta_backward(const at::Tensor& grad_out, const at:
 
 }  // namespace
 
+// Other dtypes (half, bfloat16) run through the reference; the dispatcher asks here first.
+bool rec_delta_supports(const at::Tensor& qx, const at::Tensor& kx, const at::Tensor& vx, const at::Tensor& bx,
+                        const at::Tensor& R_q, const at::Tensor& R_k, const at::Tensor& R_v, const at::Tensor& r_b,
+                        const at::Tensor& W0, const at::Tensor& h0) {
+  return qx.scalar_type() == at::kFloat || qx.scalar_type() == at::kDouble;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supports", &rec_delta_supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &rec_delta_forward, "Recurrent Delta rule, forward (CPU)");
   m.def("backward", &rec_delta_backward, "Recurrent Delta rule, backward (CPU)");
 }

@@ -392,7 +392,14 @@ std::vector<at::Tensor> self_ref_v0_backward(const at::Tensor& grad_out, const a
 
 }  // namespace
 
+// Other dtypes (half, bfloat16) run through the reference; the dispatcher asks here first.
+bool self_ref_v0_supports(const at::Tensor& x, const at::Tensor& W_y, const at::Tensor& W_q, const at::Tensor& W_k,
+                          const at::Tensor& w_b) {
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supports", &self_ref_v0_supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &self_ref_v0_forward, "Self-referential weight matrix, forward (CPU)");
   m.def("backward", &self_ref_v0_backward, "Self-referential weight matrix, backward (CPU)");
 }

@@ -195,6 +195,14 @@ def test_arguments_are_not_modified(op):
         assert torch.equal(now.detach(), then), f"argument {i} of {op.name} was modified"
 
 
+def test_bfloat16_runs_through_the_reference(op):
+    inputs = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in op.make_inputs(1, 2, 3, 4, torch.float32)]
+    with pytest.warns(UserWarning, match="does not handle"):
+        out = op.fused(*inputs)
+    assert "_FusedOp" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, op.reference(*inputs))
+
+
 def test_forcing_the_reference_bypasses_the_kernel(op, monkeypatch):
     monkeypatch.setenv(kernel_loader.FORCE_REFERENCE_ENV, "1")
     out = op.fused(*op.make_inputs(1, 1, 2, 4, torch.float32))
