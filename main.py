@@ -23,8 +23,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params
-from utils import (LOGGER_NAME, capture_rng_state, close_logging, evaluate, load_checkpoint, restore_rng_state, save_checkpoint,
-                   seed_everything, sequence_loss, setup_logging, write_text_atomic)
+from utils import (LOGGER_NAME, capture_rng_state, close_logging, epoch_order, evaluate, load_checkpoint,
+                   restore_rng_state, save_checkpoint, seed_everything, sequence_loss, setup_logging,
+                   write_text_atomic)
 
 # Evaluation batches only bound memory; the results do not depend on their size.
 EVAL_BATCH_SIZE = 256
@@ -173,12 +174,13 @@ def write_args(run_dir, args):
     write_text_atomic(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2) + "\n")
 
 
-def truncate_metrics(path, last_step):
-    """Drop evaluations logged after the checkpoint a resumed run restarts from (they will be redone)."""
+def truncate_metrics(path, num_evaluations):
+    """Keep the first `num_evaluations` records: those logged after the checkpoint a resumed run restarts from
+    will be redone."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        kept = [line for line in f if line.strip()][:num_evaluations]
     write_text_atomic(path, "".join(kept))
 
 
@@ -203,13 +205,21 @@ class Progress:
     step: int = 0  # batches done in total
     order: torch.Tensor = None  # the current epoch's data order (None between epochs)
     loss_sum: float = 0.0  # training loss summed over the current epoch's batches
+    evaluations: int = 0  # evaluations logged so far (lines of metrics.jsonl)
+    last_score: float = None  # mean of valid and valid2 accuracy at the latest evaluation
     elapsed_s: float = 0.0
     best: Best = field(default_factory=Best)
     wandb_id: str = None
 
 
-def should_stop(progress, args):
-    return progress.best.score >= args.stop_acc or progress.epoch >= args.num_epoch
+def stop_acc_reached(progress, args):
+    return progress.last_score is not None and progress.last_score >= args.stop_acc
+
+
+def training_done(progress, args):
+    """Training ends between epochs, at stop_acc or after num_epoch epochs. An epoch left early at stop_acc still
+    ends with its end-of-epoch evaluation, as in the original (also when a resume lands between the two)."""
+    return progress.order is None and (stop_acc_reached(progress, args) or progress.epoch >= args.num_epoch)
 
 
 class Run:
@@ -223,13 +233,11 @@ class Run:
         self.model = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, betas=(0.9, 0.995),
                                           eps=1e-9)
-        self.data_order = torch.Generator().manual_seed(args.seed)
         self.progress = Progress()
         if resuming:
             self.restore_latest()
         else:
-            # Re-seed so that the data order and dropout depend on the seed only, not on the model's
-            # initialisation draws.
+            # The original re-seeds here, so that the data order and dropout depend on the seed only.
             seed_everything(args.seed)
         self.start_time = time.time() - self.progress.elapsed_s
 
@@ -284,11 +292,14 @@ class Run:
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          # Gradients summed so far towards the next optimiser step (--grad_cummulate > 1).
                          "grads": [p.grad for p in self.model.parameters()],
-                         "progress": asdict(self.progress), "rng": capture_rng_state(self.data_order)},
+                         "progress": asdict(self.progress), "rng": capture_rng_state()},
                         self.path("latest_model.pt"))
 
     def restore_latest(self):
         state = load_checkpoint(self.path("latest_model.pt"), self.device)
+        if "last_score" not in state["progress"]:
+            raise UsageError(f"{self.run_dir} was written by an earlier main.py with another training loop; "
+                             f"it cannot be resumed exactly: start the run again")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for param, grad in zip(self.model.parameters(), state["grads"]):
@@ -296,7 +307,7 @@ class Run:
         progress = dict(state["progress"])
         progress["best"] = Best(**progress["best"])
         self.progress = Progress(**progress)
-        restore_rng_state(state["rng"], self.data_order)
+        restore_rng_state(state["rng"])
 
     def save_best(self):
         save_checkpoint({"model": self.model.state_dict(), "best": asdict(self.progress.best)},
@@ -305,31 +316,39 @@ class Run:
     # -- training ---------------------------------------------------------------------------------------------
 
     def train(self):
-        """Train until stop_acc or num_epoch; raises NonFiniteLoss when the loss diverges."""
+        """Train until stop_acc or num_epoch and return which of the two ended it; raises NonFiniteLoss when the
+        loss diverges."""
         args, progress, train = self.args, self.progress, self.data.splits["train"]
         self.model.train()
         with logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)]):  # log lines above the bar
-            while not should_stop(progress, args):
+            while not training_done(progress, args):
                 self.train_epoch(train)
+        return "stop_acc" if stop_acc_reached(progress, args) else "num_epoch"
 
     def train_epoch(self, train):
-        """The rest of the current epoch (all of it unless resumed mid-epoch), stopping early at stop_acc."""
+        """The rest of the current epoch (all of it unless resumed mid-epoch), then its end-of-epoch evaluation.
+
+        As in the original: evaluate after every batch whose 0-based index in the epoch is a multiple of
+        report_every (so after the first one too), leave the epoch early when an evaluation reaches stop_acc,
+        and evaluate once more at the end of the epoch."""
         args, progress = self.args, self.progress
         if progress.order is None:
-            progress.order = torch.randperm(len(train), generator=self.data_order)
+            progress.order = epoch_order(len(train))
         batches = progress.order.split(args.batch_size)
+        remaining = () if stop_acc_reached(progress, args) else range(progress.batch, len(batches))
         with tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}",
                   disable=not sys.stdout.isatty(), leave=False) as bar:
-            for index in range(progress.batch, len(batches)):
+            for index in remaining:
                 last_of_epoch = index == len(batches) - 1
                 step_now = last_of_epoch or (index + 1) % args.grad_cummulate == 0
                 progress.loss_sum += self.train_batch(train, batches[index], step_now)
                 progress.batch, progress.step = index + 1, progress.step + 1
                 bar.update()
-                if last_of_epoch or (args.report_every > 0 and progress.step % args.report_every == 0):
-                    self.evaluate_and_checkpoint(end_of_epoch=last_of_epoch)
-                    if should_stop(progress, args):
-                        return
+                if args.report_every > 0 and index % args.report_every == 0:
+                    self.evaluate_and_checkpoint(end_of_epoch=False)
+                    if stop_acc_reached(progress, args):
+                        break
+        self.evaluate_and_checkpoint(end_of_epoch=True)
 
     def train_batch(self, split, indices, optimizer_step):
         indices = indices.to(self.device)
@@ -350,28 +369,30 @@ class Run:
     def evaluate_and_checkpoint(self, end_of_epoch):
         """Evaluate valid and valid2, log them, keep the best model and write latest_model.pt."""
         progress, log = self.progress, self.log
-        epoch = progress.epoch + 1
-        train_loss = progress.loss_sum / progress.batch
+        epoch, batch_index = progress.epoch + 1, progress.batch - 1
+        train_loss = progress.loss_sum / progress.batch  # mean over the epoch's batches so far
         if end_of_epoch:
             progress.epoch, progress.batch, progress.order, progress.loss_sum = epoch, 0, None, 0.0
         valid = evaluate(self.model, self.data.splits["valid"], self.data.tgt_pad, EVAL_BATCH_SIZE)
         valid2 = evaluate(self.model, self.data.splits["test"], self.data.tgt_pad, EVAL_BATCH_SIZE)
         progress.elapsed_s = time.time() - self.start_time
-        where = f"End epoch {epoch}" if end_of_epoch else f"epoch {epoch} / step {progress.step}"
+        where = f"End epoch {epoch}" if end_of_epoch else f"epoch {epoch} / step {batch_index}"
         log(f"[{now()}] {where} =============")
         log(f"train loss: {train_loss}")
         log(f"valid loss: {valid.loss}")
         log(f"valid acc: {valid.acc:.2f} %")
         log(f"valid2 loss: {valid2.loss}")
         log(f"valid2 acc: {valid2.acc:.2f} %")
-        record = {"epoch": epoch, "step": progress.step, "train_loss": train_loss, "valid_loss": valid.loss,
+        record = {"epoch": epoch, "step": progress.step, "batch": batch_index, "end_of_epoch": end_of_epoch,
+                  "train_loss": train_loss, "valid_loss": valid.loss,
                   "valid_acc": valid.acc, "valid2_loss": valid2.loss, "valid2_acc": valid2.acc,
                   "elapsed_s": round(progress.elapsed_s, 3)}
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        progress.evaluations += 1
         if self.wandb is not None:
             self.wandb.log(record, step=progress.step)
-        score = (valid.acc + valid2.acc) / 2
+        score = progress.last_score = (valid.acc + valid2.acc) / 2
         if score > progress.best.score:
             progress.best = Best(score, valid.acc, valid2.acc, epoch, progress.step)
             log(f"The best model so far. {score:.2f} % [{valid.acc:.2f} %, {valid2.acc:.2f} %]")
@@ -381,22 +402,27 @@ class Run:
 
     # -- the end ----------------------------------------------------------------------------------------------
 
-    def finish(self):
-        """Report the best checkpoint: its test accuracy and per-length counts on every evaluation split."""
+    def finish(self, stopped):
+        """Report the best checkpoint (its test accuracy and per-length counts on every evaluation split) and write
+        final.json; `stopped` says why training ended: stop_acc, num_epoch or non_finite_loss."""
         progress, best, log = self.progress, self.progress.best, self.log
         epochs_begun = progress.epoch + (progress.batch > 0)
         log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
-        log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
-            f"at epoch: {best.epoch} (step {best.step})")
-        self.model.load_state_dict(load_checkpoint(self.path("best_model.pt"), self.device)["model"])
-        results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
-                   for name, split in self.data.splits.items() if name != "train"}
-        log(f"Final model test acc: {results['test'].acc:.2f} %")
-        final = {"best_step": best.step, "best_epoch": best.epoch, "valid_acc": results["valid"].acc,
-                 "valid2_acc": results["test"].acc, "test_acc": results["test"].acc,
-                 "stopped": "stop_acc" if best.score >= self.args.stop_acc else "num_epoch",
-                 "by_length": {name: {str(length): counts for length, counts in result.by_length.items()}
-                               for name, result in results.items()}}
+        final = {"best_step": best.step, "best_epoch": best.epoch, "stopped": stopped}
+        if progress.evaluations == 0:  # diverged before the first evaluation: there is no model to report
+            log("No evaluation was made, so there is no best model.")
+            final.update(valid_acc=None, valid2_acc=None, test_acc=None, by_length={})
+        else:
+            log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
+                f"at epoch: {best.epoch} (step {best.step})")
+            self.model.load_state_dict(load_checkpoint(self.path("best_model.pt"), self.device)["model"])
+            results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
+                       for name, split in self.data.splits.items() if name != "train"}
+            log(f"Final model test acc: {results['test'].acc:.2f} %")
+            final.update(valid_acc=results["valid"].acc, valid2_acc=results["test"].acc,
+                         test_acc=results["test"].acc,
+                         by_length={name: {str(length): counts for length, counts in result.by_length.items()}
+                                    for name, result in results.items()})
         if self.wandb is not None:
             self.wandb.summary.update({"test_acc": final["test_acc"], "best_epoch": best.epoch,
                                        "best_step": best.step})
@@ -430,11 +456,12 @@ def start_run(args, run_dir, dataset, device, resuming):
     """The Run, restored when resuming and connected to wandb when asked; raises UsageError (and removes the run
     directory it has just created) when it cannot start."""
     args.resume = None  # args.json and wandb's config describe the run, not how it was last started
-    run = Run(args, run_dir, dataset, device, resuming)
-    finished = resuming and os.path.exists(run.path("final.json"))
+    finished = resuming and os.path.exists(os.path.join(run_dir, "final.json"))
     try:
-        if finished and should_stop(run.progress, args):
-            raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch to train it further")
+        run = Run(args, run_dir, dataset, device, resuming)
+        if finished and training_done(run.progress, args):
+            raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch (or --stop_acc) to "
+                             f"train it further")
         if args.use_wandb:
             run.start_wandb()
     except UsageError:
@@ -445,7 +472,7 @@ def start_run(args, run_dir, dataset, device, resuming):
     if finished:
         os.remove(run.path("final.json"))  # training continues: the run is no longer finished
     if resuming:
-        truncate_metrics(run.path("metrics.jsonl"), run.progress.step)
+        truncate_metrics(run.path("metrics.jsonl"), run.progress.evaluations)
     write_args(run_dir, args)
     return run
 
@@ -462,12 +489,12 @@ def main(argv=None):
     exit_code = 0
     try:
         run.log(f"[{now()}] Start training")
-        run.train()
-        run.finish()
-    except NonFiniteLoss as exc:
-        kept = "best_model.pt is left as it was" if os.path.exists(run.path("best_model.pt")) else "no checkpoint yet"
-        run.log(f"Stopping: {exc} ({kept}; no final.json written).")
-        exit_code = EXIT_DIVERGED
+        try:
+            stopped = run.train()
+        except NonFiniteLoss as exc:
+            run.log(f"Stopping: {exc}; reporting the best checkpoint so far.")
+            stopped, exit_code = "non_finite_loss", EXIT_DIVERGED
+        run.finish(stopped)
     except KeyboardInterrupt:
         run.log(f"Interrupted. Continue from the last evaluation with: python main.py --resume {run_dir}")
         exit_code = EXIT_INTERRUPTED

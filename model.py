@@ -98,12 +98,14 @@ class ELSTMBody(nn.Module):
     def __init__(self, input_size, hidden_size):
         super().__init__()
         self.hidden_size = hidden_size
-        self.W_z = nn.Parameter(torch.empty(hidden_size, input_size))
-        self.W_f = nn.Parameter(torch.empty(hidden_size, input_size))
-        self.w_z = nn.Parameter(torch.empty(hidden_size))
-        self.w_f = nn.Parameter(torch.empty(hidden_size))
-        self.b_z = nn.Parameter(torch.empty(hidden_size))
-        self.b_f = nn.Parameter(torch.empty(hidden_size))
+        # The original allocates with uniform draws that normal_ then overwrites; the draws are kept because they
+        # advance the RNG, so that a seed gives the original's initial weights.
+        self.W_z = nn.Parameter(torch.rand(hidden_size, input_size))
+        self.W_f = nn.Parameter(torch.rand(hidden_size, input_size))
+        self.w_z = nn.Parameter(torch.rand(hidden_size))
+        self.w_f = nn.Parameter(torch.rand(hidden_size))
+        self.b_z = nn.Parameter(torch.rand(hidden_size))
+        self.b_f = nn.Parameter(torch.rand(hidden_size))
         for param in (self.W_z, self.W_f, self.w_z, self.w_f, self.b_z, self.b_f):
             nn.init.normal_(param, mean=0.0, std=0.1)
         self.output_gate = nn.Linear(input_size + hidden_size, hidden_size)
@@ -272,13 +274,14 @@ class SRWMBlock(nn.Module):
         self.W_q = nn.Parameter(torch.empty(1, num_head, d, d))
         self.W_k = nn.Parameter(torch.empty(1, num_head, d, d))
         self.w_b = nn.Parameter(torch.empty(1, num_head, d, 4))
+        self.layer_norm = nn.LayerNorm(hidden_size)
+        self.out_proj = nn.Linear(num_head * d, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        # After out_proj's own initialisation, as in the original: the RNG order fixes the initial weights.
         nn.init.normal_(self.W_y, mean=0.0, std=std)
         nn.init.normal_(self.W_q, mean=0.0, std=0.01 * std)
         nn.init.normal_(self.W_k, mean=0.0, std=std)
         nn.init.normal_(self.w_b, mean=-1.0, std=std)
-        self.layer_norm = nn.LayerNorm(hidden_size)
-        self.out_proj = nn.Linear(num_head * d, hidden_size, bias=False)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         batch = x.shape[0]

@@ -113,22 +113,29 @@ def write_text_atomic(path, text):
 
 
 def seed_everything(seed):
+    """What the original seeds, right after parsing the flags and again just before the first epoch."""
     random.seed(seed)
-    np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def capture_rng_state(data_order_generator):
-    """Every random state training reads: Python, NumPy, torch (CPU and CUDA) and the data-order generator."""
+def epoch_order(num_examples):
+    """The next epoch's data order, drawn from the global torch RNG exactly as the original's
+    `DataLoader(train, batch_size, shuffle=True)` draws it: a fresh DataLoader iterator takes one int64 for its
+    worker seed, then the RandomSampler one int64 to seed its own permutation generator. Drawing the whole
+    permutation as one batch consumes the RNG exactly as iterating it batch by batch does."""
+    loader = torch.utils.data.DataLoader(range(num_examples), batch_size=num_examples, shuffle=True)
+    return next(iter(loader))
+
+
+def capture_rng_state():
+    """Every random state training reads: Python, NumPy, torch CPU and CUDA (data order and dropout)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "data_order": data_order_generator.get_state()}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def restore_rng_state(state, data_order_generator):
+def restore_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    data_order_generator.set_state(state["data_order"].cpu())

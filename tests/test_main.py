@@ -96,12 +96,12 @@ def test_run_writes_every_file(tmp_path, capsys):
     assert set(args) == {action.dest for action in main.build_parser()._actions} - {"help"}
     assert args["hidden_size"] == 16 and args["num_epoch"] == 2
 
-    # 6 batches per epoch, reports every 4 steps: steps 4, 6 (epoch end), 8, 12 (epoch end).
+    # 6 batches per epoch, report_every 4: after batches 0 and 4 of each epoch (0-based) and at its end.
     metrics = read_metrics(run_dir)
-    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 4), (1, 6), (2, 8), (2, 12)]
+    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 1), (1, 5), (1, 6), (2, 7), (2, 11), (2, 12)]
     for record in metrics:
-        assert set(record) == {"epoch", "step", "train_loss", "valid_loss", "valid_acc", "valid2_loss",
-                               "valid2_acc", "elapsed_s"}
+        assert set(record) == {"epoch", "step", "batch", "end_of_epoch", "train_loss", "valid_loss", "valid_acc",
+                               "valid2_loss", "valid2_acc", "elapsed_s"}
         assert 0 <= record["valid_acc"] <= 100 and 0 <= record["valid2_acc"] <= 100
 
     final = json.loads((run_dir / "final.json").read_text())
@@ -145,10 +145,53 @@ def test_original_command_line_parses():
 
 
 def test_stops_at_stop_acc(tmp_path, tiny_data):
+    """The evaluation after the first batch reaches 0 %: the epoch is left, and still evaluated at its end."""
     code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "0")
     assert code == 0
-    assert len(read_metrics(run_dir)) == 1  # the first evaluation already reaches 0 %
+    assert [(m["step"], m["batch"], m["end_of_epoch"]) for m in read_metrics(run_dir)] == [(1, 0, False),
+                                                                                           (1, 0, True)]
     assert json.loads((run_dir / "final.json").read_text())["stopped"] == "stop_acc"
+    log = (run_dir / "log.txt").read_text()
+    assert "epoch 1 / step 0 =============" in log and "End epoch 1 =============" in log
+
+
+def original_evaluation_points(num_batches, report_every, num_epoch):
+    """(epoch, 0-based batch index, end of epoch) of every evaluation of the original loop (training.md)."""
+    points = []
+    for epoch in range(1, num_epoch + 1):
+        points += [(epoch, idx, False) for idx in range(num_batches) if report_every > 0 and idx % report_every == 0]
+        points.append((epoch, num_batches - 1, True))
+    return points
+
+
+@pytest.mark.parametrize("batch_size,report_every", [(8, 4), (1, 25), (7, 3), (8, 0), (16, 1)])
+def test_evaluation_points_follow_the_original(tmp_path, tiny_data, batch_size, report_every):
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--batch_size", str(batch_size), "--report_every",
+                             str(report_every), "--stop_acc", "101")
+    assert code == 0
+    num_batches = -(-48 // batch_size)
+    metrics = read_metrics(run_dir)
+    assert [(m["epoch"], m["batch"], m["end_of_epoch"]) for m in metrics] == \
+        original_evaluation_points(num_batches, report_every, 2)
+    assert [m["step"] for m in metrics] == [(m["epoch"] - 1) * num_batches + m["batch"] + 1 for m in metrics]
+
+
+def test_data_order_is_the_original_dataloader_order(tmp_path, tiny_data, monkeypatch):
+    """Every epoch trains on the batches that DataLoader(shuffle=True) yields after torch.manual_seed(seed), as
+    the original's loader does after its re-seed: the model's initialisation draws do not matter."""
+    trained, real_train_batch = [], main.Run.train_batch
+
+    def spy(self, split, indices, optimizer_step):
+        trained.append(indices.tolist())
+        return real_train_batch(self, split, indices, optimizer_step)
+
+    monkeypatch.setattr(main.Run, "train_batch", spy)
+    code, _ = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "3", "--seed", "7", "--stop_acc", "101")
+    assert code == 0
+    torch.manual_seed(7)
+    loader = torch.utils.data.DataLoader(range(48), batch_size=8, shuffle=True)
+    expected = [batch.tolist() for _ in range(3) for batch in loader]
+    assert trained == expected
 
 
 def test_missing_task_directory_is_generated(tmp_path, monkeypatch, capsys):
@@ -192,27 +235,49 @@ def test_resume_with_more_epochs_matches_uninterrupted_run(tmp_path, tiny_data, 
     assert (run_dir / "log.txt").read_text().count("Start training") == 2  # appended, not replaced
 
 
-def test_resume_after_a_kill_matches_uninterrupted_run(tmp_path, tiny_data, uninterrupted, monkeypatch):
-    """Killed mid-epoch two batches after a mid-epoch checkpoint (step 8, one batch into a 3-batch accumulation);
-    the resumed run redoes those batches from latest_model.pt."""
+@pytest.mark.parametrize("batches_before_kill,steps_logged", [
+    (10, [1, 5, 6, 7]),  # within epoch 2: three batches after the checkpoint at batch 0, mid-accumulation
+    (6, [1, 5, 6]),  # between epochs: right after the end-of-epoch checkpoint
+])
+def test_resume_after_a_kill_matches_uninterrupted_run(tmp_path, tiny_data, uninterrupted, monkeypatch,
+                                                       batches_before_kill, steps_logged):
+    """The resumed run redoes the batches since latest_model.pt and ends bit-identical to the uninterrupted one."""
     real_train_batch = main.Run.train_batch
     calls = []
 
-    def killed_after_ten_batches(self, *args):
-        if len(calls) == 10:
+    def killed(self, *args):
+        if len(calls) == batches_before_kill:
             raise KeyboardInterrupt
         calls.append(1)
         return real_train_batch(self, *args)
 
-    monkeypatch.setattr(main.Run, "train_batch", killed_after_ten_batches)
+    monkeypatch.setattr(main.Run, "train_batch", killed)
     code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE)
     assert code == main.EXIT_INTERRUPTED
     assert not (run_dir / "final.json").exists()
-    assert [m["step"] for m in read_metrics(run_dir)] == [4, 6, 8]
+    assert [m["step"] for m in read_metrics(run_dir)] == steps_logged
     monkeypatch.setattr(main.Run, "train_batch", real_train_batch)
 
     assert main.main(["--resume", str(run_dir)]) == 0
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_resume_between_a_mid_epoch_stop_and_the_end_of_epoch_evaluation(tmp_path, tiny_data, monkeypatch):
+    code, straight = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "0", work_dir="straight")
+    assert code == 0
+    real_evaluate = main.Run.evaluate_and_checkpoint
+
+    def killed_at_epoch_end(self, end_of_epoch):
+        if end_of_epoch:
+            raise KeyboardInterrupt
+        return real_evaluate(self, end_of_epoch)
+
+    monkeypatch.setattr(main.Run, "evaluate_and_checkpoint", killed_at_epoch_end)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "0")
+    assert code == main.EXIT_INTERRUPTED and len(read_metrics(run_dir)) == 1
+    monkeypatch.setattr(main.Run, "evaluate_and_checkpoint", real_evaluate)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert_same_run(run_dir, straight)
 
 
 def test_resume_refuses_finished_runs_and_changed_flags(tmp_path, tiny_data, capsys):
@@ -228,7 +293,7 @@ def test_resume_refuses_finished_runs_and_changed_flags(tmp_path, tiny_data, cap
 
 # -- divergence --------------------------------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_with_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_reports_the_best_checkpoint(tmp_path, tiny_data, monkeypatch, capsys):
     real_loss = main.sequence_loss
     calls = []
 
@@ -240,13 +305,18 @@ def test_non_finite_loss_stops_with_one_line(tmp_path, tiny_data, monkeypatch, c
     monkeypatch.setattr(main, "sequence_loss", nan_from_batch_nine)
     code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "101")
     assert code == main.EXIT_DIVERGED
-    assert not (run_dir / "final.json").exists()
-    assert [m["step"] for m in read_metrics(run_dir)] == [4, 6, 8]
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 5, 6, 7]
     stop_lines = [line for line in capsys.readouterr().out.splitlines() if "nan" in line]
     assert len(stop_lines) == 1 and "step 9" in stop_lines[0]
     best = main.load_checkpoint(run_dir / "best_model.pt")
     assert all(torch.isfinite(t).all() for t in best["model"].values())
-    assert best["best"]["step"] in (4, 6, 8)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["stopped"] == "non_finite_loss"
+    best_record = next(m for m in metrics if m["step"] == best["best"]["step"])
+    assert final["best_step"] == best_record["step"]
+    assert final["valid_acc"] == pytest.approx(best_record["valid_acc"])
+    assert final["test_acc"] == pytest.approx(best_record["valid2_acc"])
 
 
 def test_huge_learning_rate_is_caught(tmp_path, tiny_data):
@@ -254,7 +324,8 @@ def test_huge_learning_rate_is_caught(tmp_path, tiny_data):
                              "--n_head", "2", "--batch_size", "8", "--learning_rate", "1e30", "--num_epoch", "3",
                              "--report_every", "0", "--remove_pos_enc")
     assert code == main.EXIT_DIVERGED
-    assert not (run_dir / "final.json").exists()
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["stopped"] == "non_finite_loss"
 
 
 # -- bad flags: one line on stderr, non-zero exit, no traceback, no run directory --------------------------------

@@ -139,6 +139,63 @@ def test_custom_initialisations():
         assert_normal(param, 0.0, 0.1)
 
 
+def original_order_elstm(seed, hidden, emb):
+    """The e-LSTM's parameters drawn in the original's order (shared/spec/training.md): embedding; six uniform
+    allocations, then normal_(0, 0.1) over them in the same order; output gate; output layer."""
+    torch.manual_seed(seed)
+    embedding = torch.nn.Embedding(IN_VOCAB, emb)
+    shapes = [(hidden, emb), (hidden, emb), (1, hidden), (1, hidden), (1, hidden), (1, hidden)]
+    recurrent = [torch.rand(*shape) for shape in shapes]
+    for tensor in recurrent:
+        tensor.normal_(0.0, 0.1)
+    gate, out = torch.nn.Linear(emb + hidden, hidden), torch.nn.Linear(hidden, OUT_VOCAB)
+    return [embedding.weight, *recurrent, gate.weight, gate.bias, out.weight, out.bias]
+
+
+def original_order_srwm(seed, hidden, heads, ff, layers):
+    """The SRWM's parameters drawn in the original's order: embedding; per layer the bias-free output projection
+    before normal_ for W_y, W_q, W_k, w_b, then the feed-forward block; output layer."""
+    torch.manual_seed(seed)
+    d = hidden // heads
+    params = [torch.nn.Embedding(IN_VOCAB, hidden).weight]
+    for _ in range(layers):
+        matrices = [torch.empty(1, heads, d, d) for _ in range(3)] + [torch.empty(1, heads, d, 4)]
+        layer_norm = torch.nn.LayerNorm(hidden)
+        out_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        std = 1 / math.sqrt(d)
+        for tensor, mean, scale in zip(matrices, (0.0, 0.0, 0.0, -1.0), (std, 0.01 * std, std, std)):
+            tensor.normal_(mean, scale)
+        ff_norm = torch.nn.LayerNorm(hidden)
+        linear1, linear2 = torch.nn.Linear(hidden, ff * hidden), torch.nn.Linear(ff * hidden, hidden)
+        params += [*matrices, layer_norm.weight, layer_norm.bias, out_proj.weight, ff_norm.weight, ff_norm.bias,
+                   linear1.weight, linear1.bias, linear2.weight, linear2.bias]
+    out = torch.nn.Linear(hidden, OUT_VOCAB)
+    return params + [out.weight, out.bias]
+
+
+def test_elstm_initial_weights_follow_the_original_rng_order():
+    ours = make_model(10, seed=1, hidden_size=12, emb_size=6)
+    expected = original_order_elstm(1, hidden=12, emb=6)
+    actual = [ours.input_layer.weight, ours.body.W_z, ours.body.W_f, ours.body.w_z, ours.body.w_f, ours.body.b_z,
+              ours.body.b_f, ours.body.output_gate.weight, ours.body.output_gate.bias, ours.out_layer.weight,
+              ours.out_layer.bias]
+    for mine, theirs in zip(actual, expected, strict=True):
+        assert torch.equal(mine.detach(), theirs.detach().reshape(mine.shape))
+
+
+def test_srwm_initial_weights_follow_the_original_rng_order():
+    ours = make_model(12, seed=1, hidden_size=16, n_head=4, ff_factor=2, num_layer=2)
+    expected = original_order_srwm(1, hidden=16, heads=4, ff=2, layers=2)
+    actual = [ours.embedding.weight]
+    for srwm, ff in zip(ours.layers[0::2], ours.layers[1::2]):
+        actual += [srwm.W_y, srwm.W_q, srwm.W_k, srwm.w_b, srwm.layer_norm.weight, srwm.layer_norm.bias,
+                   srwm.out_proj.weight, ff.layer_norm.weight, ff.layer_norm.bias, ff.net[0].weight, ff.net[0].bias,
+                   ff.net[3].weight, ff.net[3].bias]
+    actual += [ours.out_layer.weight, ours.out_layer.bias]
+    for mine, theirs in zip(actual, expected, strict=True):
+        assert torch.equal(mine.detach(), theirs.detach())
+
+
 def test_fast_weight_models_share_one_class_and_differ_in_the_block():
     models = {t: make_model(t) for t in FAST_WEIGHT_BLOCKS}
     assert len({type(m) for m in models.values()}) == 1
