@@ -8,9 +8,14 @@ bytes on every machine.
 
     python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]
     python data.py --check DIR
+
+Exit status 0, or 2 with one line on stderr for a usage error or a data error (as main.py).
 """
 import argparse
+import os
 import re
+import secrets
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,13 +302,53 @@ def generate_task(task, seed=1, bins=1):
             for name, words in splits.items()}
 
 
+def needs_generation(path):
+    """True when `path` does not exist or is an empty folder (what an interrupted generation of an older version
+    left): whoever generates data on demand should write the task there."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    return path.is_dir() and not any(path.iterdir())
+
+
 def write_task(task, out_dir, seed=1, bins=1):
-    """Write out_dir/{train,valid,test}_50.{src,tgt} (and bin{k}_50.*), each line ending in a newline."""
+    """Write out_dir/{train,valid,test}_50.{src,tgt} (and bin{k}_50.*), each line ending in a newline.
+
+    The files are written into a hidden sibling folder first, which then replaces a missing or empty out_dir in one
+    rename, so a generation killed halfway leaves no partial dataset. Into an existing non-empty folder each file
+    is moved over its old version (also by rename). DataError, one line naming the folder, when it cannot be
+    written (read-only, under a file, disk full).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, (src_lines, tgt_lines) in generate_task(task, seed, bins).items():
-        for suffix, lines in (("src", src_lines), ("tgt", tgt_lines)):
-            (out_dir / f"{name}_{LEVEL}.{suffix}").write_text("".join(line + "\n" for line in lines))
+    splits = generate_task(task, seed, bins)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            names = []
+            for name, (src_lines, tgt_lines) in splits.items():
+                for suffix, lines in (("src", src_lines), ("tgt", tgt_lines)):
+                    names.append(f"{name}_{LEVEL}.{suffix}")
+                    _write_lines(staging / names[-1], lines)
+            try:
+                os.rename(staging, out_dir)   # atomic; replaces out_dir when it is missing or empty
+                return
+            except OSError:
+                if not out_dir.is_dir():
+                    raise
+            for file_name in names:   # out_dir holds other files: replace ours one by one
+                os.replace(staging / file_name, out_dir / file_name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != out_dir else ""
+        raise DataError(f"{out_dir}: cannot write the dataset: {reason}{where}") from None
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------- loader
@@ -338,33 +383,40 @@ class FormalLanguageData:
         return len(self.tgt_vocab)
 
 
-def _read_lines(path, task_hint):
-    """Token lists of a data file; the file must exist, be non-empty and have no empty line."""
+def _read_lines(path, missing_hint):
+    """Token lists of a data file; the file must exist, be non-empty and have no empty line before its end."""
     if not path.is_file():
-        raise DataError(f"{path}: no such file; generate it with "
-                        f"`python data.py --task {task_hint} --out_dir {path.parent}`")
+        raise DataError(f"{path}: no such file; {missing_hint}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":   # the trailing newline ends the last line; satwik's files have none, ours do
-        lines.pop()
-    if not lines:
+    token_lists = [line.split() for line in text.split("\n")]
+    while token_lists and not token_lists[-1]:   # the final newline, and blank lines after the last example
+        token_lists.pop()
+    if not token_lists:
         raise DataError(f"{path}: file is empty")
-    token_lists = [line.split() for line in lines]
     for number, tokens in enumerate(token_lists, 1):
         if not tokens:
             raise DataError(f"{path}, line {number}: empty line")
     return token_lists
 
 
-def _read_pair(data_dir, name, level, task_hint):
+def _missing_hint(data_dir, level):
+    """How to get a missing data file: data.py for level 50; other levels are never generated here."""
+    task = data_dir.name if data_dir.name in TASKS else "TASK"
+    if level == LEVEL:
+        return f"generate it with `python data.py --task {task} --out_dir {data_dir}`"
+    return (f"data.py writes only level-{LEVEL} files (*_{LEVEL}.src/.tgt), so level {level} needs its own "
+            f"{{train,valid,test}}_{level}.{{src,tgt}} files in {data_dir}")
+
+
+def _read_pair(data_dir, name, level):
     """Aligned (src, tgt) token lists of `{name}_{level}.{src,tgt}`."""
     src_path = data_dir / f"{name}_{level}.src"
     tgt_path = data_dir / f"{name}_{level}.tgt"
-    src_lines = _read_lines(src_path, task_hint)
-    tgt_lines = _read_lines(tgt_path, task_hint)
+    src_lines = _read_lines(src_path, _missing_hint(data_dir, level))
+    tgt_lines = _read_lines(tgt_path, _missing_hint(data_dir, level))
     if len(src_lines) != len(tgt_lines):
         first_unpaired = min(len(src_lines), len(tgt_lines)) + 1
         raise DataError(f"{tgt_path}: {len(tgt_lines)} lines but {src_path.name} has {len(src_lines)} "
@@ -408,9 +460,8 @@ def load_data(data_dir, level=LEVEL, device="cpu"):
     """Load `{train,valid,test}_{level}` (and every `bin{k}_{level}`) from data_dir; DataError if unusable."""
     import torch   # imported here so that generating data does not pay torch's start-up time
     data_dir = Path(data_dir)
-    task_hint = data_dir.name if data_dir.name in TASKS else "TASK"
     names = _split_names(data_dir, level)
-    pairs = {name: _read_pair(data_dir, name, level, task_hint) for name in names}
+    pairs = {name: _read_pair(data_dir, name, level) for name in names}
     train_src, train_tgt = pairs["train"]
     src_vocab = list(dict.fromkeys(token for tokens in train_src for token in tokens))
     tgt_vocab = list(dict.fromkeys(token for tokens in train_tgt for token in tokens))
@@ -479,9 +530,9 @@ def main(argv=None):
             out_dir = Path(args.out_dir) / task if args.task == "all" else Path(args.out_dir)
             write_task(task, out_dir, args.seed, args.bins)
             print(f"{task}: wrote {out_dir}")
-    except (DataError, OSError) as error:
+    except (DataError, OSError) as error:   # exit status 2, as main.py's for unusable input
         print(f"data.py: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -1,17 +1,48 @@
-"""JIT building of the operator extensions, shared by the four operator folders.
+"""JIT building of the operator extensions, shared by the four operator folders, and the record of what ran.
 
 Each operator folder ships `<name>_cpu.cpp` and `<name>_cuda.cu`. Both compile to an extension with the same two
 functions, `forward` and `backward`; the folder's dispatcher picks one by device. Extensions are built once with
 ninja and cached in TORCH_EXTENSIONS_DIR (torch's default cache when unset).
+
+Killed builds. torch guards a build with an empty `lock` file in the extension's folder, created with O_EXCL and
+removed when the build ends; a build killed with SIGKILL (OOM killer, job time limit, Ray, Slurm) leaves it behind
+and every later torch load waits for it forever. Here each build first takes this loader's own lock on the folder,
+which dies with its holder: an flock on `fwp_build.lock` (the kernel releases it when the process dies), or where
+the filesystem has no flock, an O_EXCL file `fwp_build.owner` naming its owner's host and pid, taken over when that
+process is gone (same host) or the folder has been idle for STALE_LOCK_SECONDS. One process of a sweep builds, the
+others wait for the lock and then load the finished extension. A torch `lock` found while holding this lock was
+left by a dead build (every build of these extensions goes through here) and is removed.
+
+What ran. run_fused records, per operator, which path it took: operator_paths() returns them, build_seconds() the
+time spent in load() (building, or waiting for another process's build).
 """
+import contextlib
 import functools
 import os
+import secrets
+import socket
 import sys
+import time
 import warnings
+
+try:
+    import fcntl
+except ImportError:   # Windows: the owner-file lock below
+    fcntl = None
 
 import torch
 
 FORCE_REFERENCE_ENV = "FWP_FORCE_REFERENCE"
+TORCH_LOCK_NAME = "lock"              # torch's FileBaton in the extension's folder
+FLOCK_NAME = "fwp_build.lock"         # held with flock during a build; the file itself stays
+OWNER_NAME = "fwp_build.owner"        # "host pid token" of the builder where flock is unavailable
+STALE_LOCK_SECONDS = 600              # owner file of another host: stale once the folder is idle this long
+_POLL_SECONDS = 0.2
+
+_paths = {}          # operator name -> {description: None}, in order of first use
+_unavailable = {}    # extension name -> why load() returned None
+_warned_caches = set()
+_build_seconds = 0.0
 
 
 def reference_forced():
@@ -19,32 +50,219 @@ def reference_forced():
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
 
 
-def _build_root():
+# ------------------------------------------------------------------------------------------------ what ran
+
+def record_path(op_name, description):
+    """Note that operator `op_name` ran through `description` (e.g. "fused CPU kernel"); cheap enough per call."""
+    seen = _paths.setdefault(op_name, {})
+    if description not in seen:
+        seen[description] = None
+
+
+def operator_paths():
+    """{operator name: the path(s) it used so far, "; "-joined in order of first use}, e.g.
+    {"delta_net": "fused CPU kernel"} or {"delta_net": "PyTorch reference (FWP_FORCE_REFERENCE=1)"}."""
+    return {op_name: "; ".join(descriptions) for op_name, descriptions in _paths.items()}
+
+
+def forget_operator_paths():
+    """Start a new record: a second run in the same process (tests, notebooks) reports only its own paths."""
+    _paths.clear()
+
+
+def build_seconds():
+    """Seconds this process spent inside load(): building extensions, or waiting for another process's build."""
+    return _build_seconds
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+class _CacheUnusable(Exception):
+    """The extension cache folder cannot be created or written."""
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _build_directory(ext_name):
+    """`<TORCH_EXTENSIONS_DIR>/<ext_name>`, created; _CacheUnusable when it cannot be created or written."""
     from torch.utils.cpp_extension import _get_build_directory
-    return os.path.dirname(_get_build_directory("probe", verbose=False))
+    try:
+        build_dir = _get_build_directory(ext_name, verbose=False)
+    except OSError as exc:
+        raise _CacheUnusable(_first_line(exc)) from None
+    if not os.access(build_dir, os.W_OK | os.X_OK):
+        raise _CacheUnusable(f"{build_dir} is not writable")
+    return build_dir
+
+
+def _cache_root():
+    from torch.utils.cpp_extension import get_default_build_root
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def _waiting(ext_name, lock_path):
+    print(f"Waiting for another process to finish building '{ext_name}' (lock {lock_path})...",
+          file=sys.stderr, flush=True)
+
+
+def _try_flock(fd, ext_name, lock_path):
+    """Hold an exclusive flock on fd (waiting for a live holder); False where the filesystem has no flock."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        _waiting(ext_name, lock_path)
+    except OSError:   # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, Lustre without -o flock, ...
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return True
+
+
+def _idle_seconds(folder):
+    """Seconds since anything directly in `folder` (or the folder itself) last changed."""
+    newest = os.stat(folder).st_mtime
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return time.time() - newest
+
+
+def _owner_gone(owner_path, build_dir):
+    """True when the owner file's process cannot be building any more."""
+    try:
+        with open(owner_path) as handle:
+            fields = handle.read().split()
+        age = time.time() - os.stat(owner_path).st_mtime
+    except FileNotFoundError:
+        return False   # released meanwhile: just retry
+    if len(fields) != 3 or not fields[1].isdigit():
+        return age > 10   # its owner died between creating and writing it
+    host, pid = fields[0], int(fields[1])
+    if host == socket.gethostname() and os.name == "posix":
+        return not _pid_alive(pid)
+    return _idle_seconds(build_dir) > STALE_LOCK_SECONDS
+
+
+@contextlib.contextmanager
+def _owner_file_lock(build_dir, ext_name):
+    """Exclusive build rights without flock: an O_EXCL owner file, taken over when its owner is gone."""
+    path = os.path.join(build_dir, OWNER_NAME)
+    me = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}"
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            if _owner_gone(path, build_dir):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            if not waited:
+                _waiting(ext_name, path)
+                waited = True
+            time.sleep(_POLL_SECONDS)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as handle:
+                mine = handle.read() == me
+            if mine:
+                os.remove(path)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir, ext_name):
+    """Exclusive right to build in build_dir, released when the holder exits or dies."""
+    flock_path = os.path.join(build_dir, FLOCK_NAME)
+    try:
+        fd = os.open(flock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _CacheUnusable(_first_line(exc)) from None
+    try:
+        if _try_flock(fd, ext_name, flock_path):
+            yield
+        else:
+            with _owner_file_lock(build_dir, ext_name):
+                yield
+    finally:
+        os.close(fd)   # releases the flock
+
+
+def _remove_stale_torch_lock(build_dir, ext_name):
+    """Called holding the build lock: a torch `lock` file now can only be left by a killed build."""
+    torch_lock = os.path.join(build_dir, TORCH_LOCK_NAME)
+    if os.path.exists(torch_lock):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(torch_lock)
+        print(f"Removed the stale {torch_lock}, left by a killed build of '{ext_name}'.",
+              file=sys.stderr, flush=True)
+
+
+def load_source(ext_name, source, device_type):
+    """Build (if needed) and import the extension `ext_name` from one source file; None, with one warning, when
+    it cannot be built or the cache cannot be used (the reason is kept for operator_paths). Not cached: use load."""
+    global _build_seconds
+    from torch.utils import cpp_extension
+
+    start = time.monotonic()
+    try:
+        build_dir = _build_directory(ext_name)
+        with _build_lock(build_dir, ext_name):
+            _remove_stale_torch_lock(build_dir, ext_name)
+            if not any(f.endswith(".so") or f.endswith(".pyd") for f in os.listdir(build_dir)):
+                print(f"Building the {device_type.upper()} kernel '{ext_name}' (first use only, about a minute)...",
+                      file=sys.stderr, flush=True)
+            # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP.
+            openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+            return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=["-O3"] + openmp,
+                                      extra_ldflags=openmp, extra_cuda_cflags=["-O3"], build_directory=build_dir,
+                                      verbose=False)
+    except _CacheUnusable as exc:
+        _unavailable[ext_name] = f"kernel cache unusable: {exc}"
+        root = _cache_root()
+        if root not in _warned_caches:   # one warning for all extensions
+            _warned_caches.add(root)
+            warnings.warn(f"the kernel cache {root} (TORCH_EXTENSIONS_DIR) cannot be used ({exc}); "
+                          f"using the slow PyTorch reference instead", stacklevel=2)
+        return None
+    except Exception as exc:  # no compiler, no nvcc, ...: the reference still gives correct results
+        _unavailable[ext_name] = f"build failed: {_first_line(exc)}"
+        warnings.warn(f"could not build {ext_name} ({_first_line(exc)}); using the slow PyTorch reference instead",
+                      stacklevel=2)
+        return None
+    finally:
+        _build_seconds += time.monotonic() - start
 
 
 @functools.lru_cache(maxsize=None)
 def load(folder, name, device_type):
     """Build (first use only) and import `<folder>/<name>_<device_type>.{cpp,cu}`; None if it cannot be built."""
-    from torch.utils import cpp_extension
-
     suffix = "cpp" if device_type == "cpu" else "cu"
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder, f"{name}_{device_type}.{suffix}")
-    ext_name = f"{name}_{device_type}"
-    build_dir = os.path.join(_build_root(), ext_name)
-    if not os.path.isdir(build_dir) or not any(f.endswith(".so") for f in os.listdir(build_dir)):
-        print(f"Building the {device_type.upper()} kernel '{ext_name}' (first use only, about a minute)...",
-              file=sys.stderr, flush=True)
-    # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP.
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    try:
-        return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=["-O3"] + openmp,
-                                  extra_ldflags=openmp, extra_cuda_cflags=["-O3"], verbose=False)
-    except Exception as exc:  # no compiler, no nvcc, ...: the reference still gives correct results
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"could not build {ext_name} ({first_line}); using the slow PyTorch reference instead")
-        return None
+    return load_source(f"{name}_{device_type}", source, device_type)
 
 
 def extension_for(folder, name, tensor):
@@ -52,6 +270,15 @@ def extension_for(folder, name, tensor):
     if reference_forced() or tensor.device.type not in ("cpu", "cuda"):
         return None
     return load(folder, name, tensor.device.type)
+
+
+def _why_reference(name, device_type):
+    """Why extension_for gave no extension, for operator_paths."""
+    if reference_forced():
+        return f"{FORCE_REFERENCE_ENV}={os.environ[FORCE_REFERENCE_ENV]}"
+    if device_type not in ("cpu", "cuda"):
+        return f"no kernel for {device_type} tensors"
+    return _unavailable.get(f"{name}_{device_type}", f"no {device_type.upper()} kernel")
 
 
 class _FusedOp(torch.autograd.Function):
@@ -87,13 +314,19 @@ def run_fused(folder, name, reference, num_differentiable, *inputs):
 
     The first `num_differentiable` inputs get gradients; the rest (initial states) do not. An extension may expose
     `supports(*inputs)`; when it says False (a dtype or head size the kernel does not handle), the reference runs.
+    The path taken is recorded under `name` (see operator_paths).
     """
+    device_type = inputs[0].device.type
     ext = extension_for(folder, name, inputs[0])
     if ext is None:
+        record_path(name, f"PyTorch reference ({_why_reference(name, device_type)})")
         return reference(*inputs)
     if hasattr(ext, "supports") and not ext.supports(*inputs):
         sizes = sorted({t.shape[-1] for t in inputs})
-        _warn_unsupported(f"{folder}.{name}: the {inputs[0].device.type.upper()} kernel does not handle "
-                          f"{inputs[0].dtype} inputs with last dimensions {sizes}")
+        detail = (f"{device_type.upper()} kernel does not handle {inputs[0].dtype} inputs with last dimensions "
+                  f"{sizes}")
+        record_path(name, f"PyTorch reference ({detail})")
+        _warn_unsupported(f"{folder}.{name}: the {detail}")
         return reference(*inputs)
+    record_path(name, f"fused {device_type.upper()} kernel")
     return _FusedOp.apply(ext, num_differentiable, *(t.contiguous() for t in inputs))

@@ -9,9 +9,13 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -22,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
+import kernel_loader
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params
 from utils import (LOGGER_NAME, capture_rng_state, close_logging, epoch_order, evaluate, load_checkpoint,
                    restore_rng_state, save_checkpoint, seed_everything, sequence_loss, setup_logging,
@@ -31,7 +36,7 @@ from utils import (LOGGER_NAME, capture_rng_state, close_logging, epoch_order, e
 EVAL_BATCH_SIZE = 256
 # Flags that --resume accepts besides the run directory; every other flag comes from the run's args.json.
 RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "device")
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 128 + signal.SIGINT
 
 
 class UsageError(Exception):
@@ -40,6 +45,37 @@ class UsageError(Exception):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class StopSignal(Exception):
+    """SIGINT or SIGTERM arrived; raised at the end of the current batch, once latest_model.pt holds that point."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalCatcher:
+    """Inside `with`: the first SIGINT or SIGTERM is only noted, so that training stops cleanly at the end of the
+    current batch; a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            self.previous = {sig: signal.signal(sig, self.note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def note(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -116,12 +152,30 @@ def parse_flags(argv):
     return argparse.Namespace(**saved)
 
 
+# The range of every numeric flag; `--report_every` takes any integer (<= 0: only at epoch ends).
+FLAG_RANGES = {
+    "level": (lambda v: v >= 1, "at least 1"),
+    "num_layer": (lambda v: v >= 1, "at least 1"),
+    "hidden_size": (lambda v: v >= 1, "at least 1"),
+    "emb_size": (lambda v: v >= 1, "at least 1"),
+    "n_head": (lambda v: v >= 1, "at least 1"),
+    "ff_factor": (lambda v: v >= 1, "at least 1"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stop_acc": (math.isfinite, "a finite number"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "grad_cummulate": (lambda v: v >= 1, "at least 1"),
+    "num_epoch": (lambda v: v >= 1, "at least 1"),
+    "clip": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)"),
+    "seed": (lambda v: -2 ** 63 <= v < 2 ** 64, "a 64-bit integer"),
+}
+
+
 def check_flags(args):
+    for name, (valid, requirement) in FLAG_RANGES.items():
+        if not valid(getattr(args, name)):
+            raise UsageError(f"--{name} must be {requirement}, got {getattr(args, name)}")
     error = config_error(args)
-    if error is None:
-        for name in ("num_epoch", "batch_size", "grad_cummulate"):
-            if getattr(args, name) < 1:
-                error = f"--{name} must be at least 1, got {getattr(args, name)}"
     if error:
         raise UsageError(error)
 
@@ -141,10 +195,10 @@ def task_name(data_dir):
 def load_dataset(args, device):
     """The loaded data; a missing directory named after a task is generated first."""
     task = task_name(args.data_dir)
-    if not os.path.exists(args.data_dir) and task in data.TASKS:
-        print(f"{args.data_dir} does not exist: generating the '{task}' dataset there.", flush=True)
-        data.write_task(task, args.data_dir)
     try:
+        if data.needs_generation(args.data_dir) and task in data.TASKS:
+            print(f"{args.data_dir} does not exist: generating the '{task}' dataset there.", flush=True)
+            data.write_task(task, args.data_dir)
         return data.load_data(args.data_dir, level=args.level, device=device)
     except data.DataError as exc:
         raise UsageError(str(exc)) from None
@@ -167,6 +221,9 @@ def new_run_dir(args):
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UsageError(f"--work_dir {args.work_dir}: cannot create a run directory there "
+                             f"({exc.strerror})") from None
     raise UsageError(f"could not create a new run directory under {args.work_dir}")
 
 
@@ -190,7 +247,7 @@ def truncate_metrics(path, num_evaluations):
 
 @dataclass
 class Best:
-    score: float = -1.0  # mean of valid and valid2 accuracy
+    score: float = 0.0  # mean of valid and valid2 accuracy; as in the original, only a score above 0 is kept
     valid_acc: float = 0.0
     valid2_acc: float = 0.0
     epoch: int = 0
@@ -229,6 +286,9 @@ class Run:
         self.args, self.run_dir, self.data, self.device = args, run_dir, dataset, device
         self.log = setup_logging(self.path("log.txt")).info
         self.wandb = None
+        self.signals = SignalCatcher()  # main() replaces it with the one it has installed
+        self.paths_logged = False
+        kernel_loader.forget_operator_paths()
         seed_everything(args.seed)
         self.model = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, betas=(0.9, 0.995),
@@ -239,10 +299,14 @@ class Run:
         else:
             # The original re-seeds here, so that the data order and dropout depend on the seed only.
             seed_everything(args.seed)
-        self.start_time = time.time() - self.progress.elapsed_s
+        # Training and evaluation time; the one-time kernel builds are not counted.
+        self.start_time = time.time() - self.progress.elapsed_s + kernel_loader.build_seconds()
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
+
+    def elapsed(self):
+        return time.time() - self.start_time - kernel_loader.build_seconds()
 
     # -- set-up -----------------------------------------------------------------------------------------------
 
@@ -289,6 +353,7 @@ class Run:
     # -- checkpoints ------------------------------------------------------------------------------------------
 
     def save_latest(self):
+        self.progress.elapsed_s = self.elapsed()
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          # Gradients summed so far towards the next optimiser step (--grad_cummulate > 1).
                          "grads": [p.grad for p in self.model.parameters()],
@@ -319,6 +384,8 @@ class Run:
         """Train until stop_acc or num_epoch and return which of the two ended it; raises NonFiniteLoss when the
         loss diverges."""
         args, progress, train = self.args, self.progress, self.data.splits["train"]
+        if self.signals.received is not None:  # arrived while setting up, before anything was trained
+            raise StopSignal(self.signals.received)
         self.model.train()
         with logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)]):  # log lines above the bar
             while not training_done(progress, args):
@@ -344,11 +411,26 @@ class Run:
                 progress.loss_sum += self.train_batch(train, batches[index], step_now)
                 progress.batch, progress.step = index + 1, progress.step + 1
                 bar.update()
+                self.log_operator_paths()
                 if args.report_every > 0 and index % args.report_every == 0:
                     self.evaluate_and_checkpoint(end_of_epoch=False)
                     if stop_acc_reached(progress, args):
                         break
+                self.stop_if_signalled()
         self.evaluate_and_checkpoint(end_of_epoch=True)
+        self.stop_if_signalled()
+
+    def stop_if_signalled(self):
+        if self.signals.received is not None:
+            self.save_latest()
+            raise StopSignal(self.signals.received)
+
+    def log_operator_paths(self):
+        """Once, after the first batch: which code computed each fast-weight operator (kernel or reference)."""
+        if not self.paths_logged:
+            self.paths_logged = True
+            for name, path in sorted(kernel_loader.operator_paths().items()):
+                self.log(f"Operator {name}: {path}")
 
     def train_batch(self, split, indices, optimizer_step):
         indices = indices.to(self.device)
@@ -375,7 +457,7 @@ class Run:
             progress.epoch, progress.batch, progress.order, progress.loss_sum = epoch, 0, None, 0.0
         valid = evaluate(self.model, self.data.splits["valid"], self.data.tgt_pad, EVAL_BATCH_SIZE)
         valid2 = evaluate(self.model, self.data.splits["test"], self.data.tgt_pad, EVAL_BATCH_SIZE)
-        progress.elapsed_s = time.time() - self.start_time
+        progress.elapsed_s = self.elapsed()
         where = f"End epoch {epoch}" if end_of_epoch else f"epoch {epoch} / step {batch_index}"
         log(f"[{now()}] {where} =============")
         log(f"train loss: {train_loss}")
@@ -408,21 +490,23 @@ class Run:
         progress, best, log = self.progress, self.progress.best, self.log
         epochs_begun = progress.epoch + (progress.batch > 0)
         log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
-        final = {"best_step": best.step, "best_epoch": best.epoch, "stopped": stopped}
-        if progress.evaluations == 0:  # diverged before the first evaluation: there is no model to report
-            log("No evaluation was made, so there is no best model.")
-            final.update(valid_acc=None, valid2_acc=None, test_acc=None, by_length={})
+        final = {"best_step": best.step, "best_epoch": best.epoch, "stopped": stopped,
+                 "operators": kernel_loader.operator_paths()}
+        if not os.path.exists(self.path("best_model.pt")):
+            # Any evaluation above 0 % would have saved one: every string of every evaluation was wrong.
+            log("No evaluation scored above 0 %, so there is no best model; reporting 0 %.")
+            final.update(valid_acc=0.0, valid2_acc=0.0, test_acc=0.0, by_length={})
         else:
             log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
                 f"at epoch: {best.epoch} (step {best.step})")
             self.model.load_state_dict(load_checkpoint(self.path("best_model.pt"), self.device)["model"])
             results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
                        for name, split in self.data.splits.items() if name != "train"}
-            log(f"Final model test acc: {results['test'].acc:.2f} %")
             final.update(valid_acc=results["valid"].acc, valid2_acc=results["test"].acc,
                          test_acc=results["test"].acc,
                          by_length={name: {str(length): counts for length, counts in result.by_length.items()}
                                     for name, result in results.items()})
+        log(f"Final model test acc: {final['test_acc']:.2f} %")
         if self.wandb is not None:
             self.wandb.summary.update({"test_acc": final["test_acc"], "best_epoch": best.epoch,
                                        "best_step": best.step})
@@ -477,16 +561,18 @@ def start_run(args, run_dir, dataset, device, resuming):
     return run
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, run_dir, dataset, device, resuming = prepare(argv)
-        run = start_run(args, run_dir, dataset, device, resuming)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+def stop_message(run, cause, argv):
+    """What was kept when a signal stopped the run, and the command that carries on."""
+    if os.path.exists(run.path("latest_model.pt")):
+        return f"Stopped by {cause}. Continue with: python main.py --resume {run.run_dir}"
+    return (f"Stopped by {cause} before the first checkpoint: there is nothing to resume. Start again with: "
+            f"python main.py {shlex.join(argv)}")
+
+
+def train_and_report(run, argv, resuming):
+    """Train, write final.json and return the exit status; a signal leaves a resumable run directory."""
     run.log_header(argv, resuming)
-    exit_code = 0
+    exit_code, interrupted = 0, False
     try:
         run.log(f"[{now()}] Start training")
         try:
@@ -495,13 +581,35 @@ def main(argv=None):
             run.log(f"Stopping: {exc}; reporting the best checkpoint so far.")
             stopped, exit_code = "non_finite_loss", EXIT_DIVERGED
         run.finish(stopped)
+    except StopSignal as stop:
+        exit_code, interrupted = 128 + stop.signum, True
+        run.log(stop_message(run, f"{stop} after step {run.progress.step} (latest_model.pt holds this point)",
+                             argv))
     except KeyboardInterrupt:
-        run.log(f"Interrupted. Continue from the last evaluation with: python main.py --resume {run_dir}")
-        exit_code = EXIT_INTERRUPTED
+        exit_code, interrupted = EXIT_INTERRUPTED, True
+        run.log(stop_message(run, "a second signal, at once (latest_model.pt is the last checkpoint)", argv))
     finally:
         run.finish_wandb(exit_code)
         close_logging()
+    if interrupted and not resuming and not os.path.exists(run.path("latest_model.pt")):
+        shutil.rmtree(run.run_dir)  # stopped before anything was trained: nothing in it is worth keeping
     return exit_code
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with SignalCatcher() as signals:
+        try:
+            args, run_dir, dataset, device, resuming = prepare(argv)
+            run = start_run(args, run_dir, dataset, device, resuming)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("Stopped before training started: nothing to resume.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        run.signals = signals
+        return train_and_report(run, argv, resuming)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def length_sorted_batches(lengths, batch_size):
 @torch.no_grad()
 def evaluate(model, split, pad, batch_size):
     """Loss, sequence-level accuracy and per-length counts of `model` on a data.Split."""
+    skip_loader_seed_draw()
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -116,6 +117,13 @@ def seed_everything(seed):
     """What the original seeds, right after parsing the flags and again just before the first epoch."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def skip_loader_seed_draw():
+    """Take the int64 that each DataLoader iterator draws from the global torch RNG for its workers' seed. The
+    original evaluates every split through a DataLoader, so every evaluation advances the RNG that later decides
+    the data order; drawing it here keeps a seed's runs identical to the original's."""
+    torch.empty((), dtype=torch.int64).random_()
 
 
 def epoch_order(num_examples):

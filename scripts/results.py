@@ -70,8 +70,7 @@ def read_run(run_dir):
     if final_path.is_file():
         with open(final_path) as f:
             final = json.load(f)
-        # None: the loss diverged before the first evaluation, so no string was ever recognised.
-        return Run(**common, bin0=final["valid_acc"] or 0.0, bin1=final["valid2_acc"] or 0.0, finished=True,
+        return Run(**common, bin0=final["valid_acc"], bin1=final["valid2_acc"], finished=True,
                    by_length=final.get("by_length", {}))
     row = best_metrics_row(run_dir / "metrics.jsonl")
     if row is None:

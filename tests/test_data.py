@@ -6,6 +6,7 @@ allows next.
 """
 import functools
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -424,7 +425,8 @@ LOADER_ERRORS = {
     "unknown tgt token": ({"test_50.tgt": "1\n1 1 2 0\n"}, "test_50.tgt", ["line 2", "'2'", "train_50.tgt"]),
     "empty line": ({"train_50.src": "( ) (\n\n( (\n", "train_50.tgt": "1 0 1\n\n1 1\n"}, "train_50.src",
                    ["line 2", "empty line"]),
-    "trailing empty line": ({"test_50.src": "(\n( ( ) )\n\n"}, "test_50.src", ["line 3", "empty line"]),
+    "empty line before the last": ({"test_50.src": "(\n\n( ( ) )\n"}, "test_50.src", ["line 2", "empty line"]),
+    "blank line of spaces": ({"valid_50.tgt": " \t\n"}, "valid_50.tgt", ["file is empty"]),
     "bin without partner": ({"bin2_50.src": "( (\n"}, "bin2_50.tgt", ["no such file"]),
     "not text": ({"train_50.tgt": b"1 0 \xff\n1 1\n"}, "train_50.tgt", ["UTF-8"]),
 }
@@ -444,6 +446,104 @@ def test_loader_errors(tmp_path, case):
 def test_missing_file_names_the_task(tmp_path):
     with pytest.raises(data.DataError, match=r"python data\.py --task dyck-1 --out_dir .*dyck-1"):
         data.load_data(tmp_path / "dyck-1")
+
+
+def test_missing_file_of_another_level_does_not_suggest_data_py(tmp_path):
+    folder = write_dir(tmp_path / "dyck-1", SMALL)   # level-50 files only
+    with pytest.raises(data.DataError) as error:
+        data.load_data(folder, level=500)
+    message = str(error.value)
+    assert str(folder / "train_500.src") in message and "python data.py" not in message, message
+    assert "only level-50" in message and "level 500 needs its own" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("tail", ["\n", "\n\n", "\n\n\n", "\n \n", "\r\n\r\n"])
+def test_blank_lines_at_the_end_are_ignored(tmp_path, tail):
+    files = {name: text.rstrip("\n") + tail for name, text in SMALL.items()}
+    loaded = data.load_data(write_dir(tmp_path, files))
+    assert [len(split) for split in loaded.splits.values()] == [2, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------ writing safely
+
+def test_generation_failing_midway_leaves_no_folder(tmp_path, monkeypatch):
+    written = []
+
+    def failing_write(path, lines):
+        if len(written) == 3:
+            raise RuntimeError("killed")
+        written.append(path)
+        path.write_text("\n".join(lines))
+
+    monkeypatch.setattr(data, "_write_lines", failing_write)
+    with pytest.raises(RuntimeError, match="killed"):
+        data.write_task("aa-star", tmp_path / "aa-star")
+    assert list(tmp_path.iterdir()) == []   # neither the folder nor its staging copy
+
+
+KILLED_WRITER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import data
+real_write, count = data._write_lines, []
+def write_then_die(path, lines):
+    if len(count) == 3:
+        os._exit(9)   # as SIGKILL: no clean-up runs
+    count.append(path)
+    real_write(path, lines)
+data._write_lines = write_then_die
+data.write_task("aa-star", {out!r})
+"""
+
+
+def test_killed_generation_leaves_no_partial_folder(tmp_path):
+    out = tmp_path / "aa-star"
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), out=str(out))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr
+    assert not out.exists() and data.needs_generation(out)
+    assert all(path.name.startswith(".aa-star.partial-") for path in tmp_path.iterdir())   # hidden leftovers
+    data.write_task("aa-star", out)
+    assert sorted(path.name for path in out.iterdir()) == sorted(f"{s}_50.{x}" for s in GENERATED_SPLITS
+                                                                 for x in ("src", "tgt"))
+
+
+def test_empty_folder_needs_generation_and_is_filled(tmp_path):
+    out = tmp_path / "counter-2"
+    assert data.needs_generation(out)
+    out.mkdir()   # what an interrupted older version left
+    assert data.needs_generation(out)
+    data.write_task("counter-2", out)
+    assert not data.needs_generation(out)
+    assert len(data.load_data(out).splits["train"]) == data.TRAIN_SIZE
+    assert [path.name for path in tmp_path.iterdir()] == ["counter-2"]
+
+
+def test_writing_into_a_folder_with_other_files_keeps_them(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "train_50.src").write_text("old\n")
+    data.write_task("counter-2", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert len(read_lines(tmp_path / "train_50.src")) == data.TRAIN_SIZE
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("case", ["under a file", "read-only"])
+def test_unwritable_output_is_a_one_line_data_error(tmp_path, case):
+    if case == "under a file":
+        (tmp_path / "blocker").write_text("")
+        out = tmp_path / "blocker" / "parity"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "parity"
+    with pytest.raises(data.DataError) as error:
+        data.write_task("parity", out)
+    message = str(error.value)
+    assert message.startswith(f"{out}: cannot write the dataset") and "\n" not in message, message
+    result = run_cli("--task", "parity", "--out_dir", out)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and str(out) in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -474,6 +574,6 @@ def test_cli_check(generated, tmp_path, capsys):
     assert "train: 10000 lines, 50 distinct, lengths 2-100" in summary
     assert "test: 50 lines, 50 distinct, lengths 102-200" in summary
     write_dir(tmp_path, broken({"valid_50.src": ") [\n"}))
-    assert data.main(["--check", str(tmp_path)]) == 1
+    assert data.main(["--check", str(tmp_path)]) == 2   # a data error exits like a usage error
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "valid_50.src, line 1" in err

@@ -1,7 +1,9 @@
 """main.py end to end on tiny hand-written datasets: run files, resume, errors, NaN handling and wandb."""
 import argparse
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -105,7 +107,9 @@ def test_run_writes_every_file(tmp_path, capsys):
         assert 0 <= record["valid_acc"] <= 100 and 0 <= record["valid2_acc"] <= 100
 
     final = json.loads((run_dir / "final.json").read_text())
-    assert set(final) == {"best_step", "best_epoch", "valid_acc", "valid2_acc", "test_acc", "stopped", "by_length"}
+    assert set(final) == {"best_step", "best_epoch", "valid_acc", "valid2_acc", "test_acc", "stopped", "by_length",
+                          "operators"}
+    assert final["operators"] == {}  # the LSTM uses no fast-weight operator
     scores = [(m["valid_acc"] + m["valid2_acc"]) / 2 for m in metrics]
     best = metrics[scores.index(max(scores))]
     assert (final["best_step"], final["best_epoch"]) == (best["step"], best["epoch"])
@@ -176,9 +180,30 @@ def test_evaluation_points_follow_the_original(tmp_path, tiny_data, batch_size, 
     assert [m["step"] for m in metrics] == [(m["epoch"] - 1) * num_batches + m["batch"] + 1 for m in metrics]
 
 
+def original_batches(seed, num_lines, batch_size, report_every, num_epoch, num_eval_lines=12):
+    """The batches of the original loop (training.md): after its re-seed, a shuffling DataLoader over the training
+    set; every evaluation iterates the valid and valid2 DataLoaders, whose iterators also draw from the RNG."""
+    torch.manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(range(num_lines), batch_size=batch_size, shuffle=True)
+    eval_loader = torch.utils.data.DataLoader(range(num_eval_lines), batch_size=batch_size)
+
+    def evaluate_valid_and_valid2():
+        for _ in range(2):
+            list(eval_loader)
+
+    batches = []
+    for _ in range(num_epoch):
+        for idx, batch in enumerate(train_loader):
+            batches.append(batch.tolist())
+            if report_every > 0 and idx % report_every == 0:
+                evaluate_valid_and_valid2()
+        evaluate_valid_and_valid2()
+    return batches
+
+
 def test_data_order_is_the_original_dataloader_order(tmp_path, tiny_data, monkeypatch):
-    """Every epoch trains on the batches that DataLoader(shuffle=True) yields after torch.manual_seed(seed), as
-    the original's loader does after its re-seed: the model's initialisation draws do not matter."""
+    """Every epoch trains on the batches of the original's DataLoader after its re-seed: the model's
+    initialisation draws do not matter, the evaluations' draws do."""
     trained, real_train_batch = [], main.Run.train_batch
 
     def spy(self, split, indices, optimizer_step):
@@ -188,10 +213,7 @@ def test_data_order_is_the_original_dataloader_order(tmp_path, tiny_data, monkey
     monkeypatch.setattr(main.Run, "train_batch", spy)
     code, _ = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "3", "--seed", "7", "--stop_acc", "101")
     assert code == 0
-    torch.manual_seed(7)
-    loader = torch.utils.data.DataLoader(range(48), batch_size=8, shuffle=True)
-    expected = [batch.tolist() for _ in range(3) for batch in loader]
-    assert trained == expected
+    assert trained == original_batches(seed=7, num_lines=48, batch_size=8, report_every=4, num_epoch=3)
 
 
 def test_missing_task_directory_is_generated(tmp_path, monkeypatch, capsys):
@@ -222,7 +244,9 @@ def uninterrupted(tmp_path, tiny_data):
 def assert_same_run(run_dir, reference_dir):
     assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference_dir))
     assert json.loads((run_dir / "final.json").read_text()) == json.loads((reference_dir / "final.json").read_text())
-    assert_same_weights(model_weights(run_dir / "best_model.pt"), model_weights(reference_dir / "best_model.pt"))
+    assert (run_dir / "best_model.pt").exists() == (reference_dir / "best_model.pt").exists()
+    if (reference_dir / "best_model.pt").exists():  # absent when no evaluation scored above 0 %
+        assert_same_weights(model_weights(run_dir / "best_model.pt"), model_weights(reference_dir / "best_model.pt"))
     assert_same_weights(model_weights(run_dir / "latest_model.pt"), model_weights(reference_dir / "latest_model.pt"))
 
 
@@ -338,7 +362,10 @@ def bad_data_dirs(root):
         f.write("acc acc rej\n")
     mismatch = write_tiny_parity(root / "mismatch")
     (mismatch / "test_50.tgt").write_text("acc\n" * 12)
-    return {"missing": root / "no_such_dir", "unknown_token": unknown_token, "mismatch": mismatch}
+    a_file = root / "a_file"
+    a_file.write_text("not a directory\n")
+    return {"missing": root / "no_such_dir", "unknown_token": unknown_token, "mismatch": mismatch,
+            "a_file": a_file}
 
 
 BAD_FLAGS = {
@@ -351,6 +378,20 @@ BAD_FLAGS = {
     "data_missing": ["--data_dir", "{missing}"],
     "data_unknown_token": ["--data_dir", "{unknown_token}"],
     "data_length_mismatch": ["--data_dir", "{mismatch}"],
+    "n_head_0": ["--model_type", "2", "--n_head", "0"],
+    "n_head_negative": ["--model_type", "2", "--hidden_size", "16", "--n_head", "-4"],
+    "learning_rate_nan": ["--learning_rate", "nan"],
+    "learning_rate_negative": ["--learning_rate", "-1"],
+    "dropout_above_1": ["--dropout", "1.5"],
+    "emb_size_0": ["--emb_size", "0"],
+    "hidden_size_0": ["--hidden_size", "0"],
+    "num_layer_0": ["--model_type", "2", "--num_layer", "0"],
+    "ff_factor_0": ["--model_type", "8", "--ff_factor", "0"],
+    "clip_negative": ["--clip", "-1"],
+    "stop_acc_inf": ["--stop_acc", "inf"],
+    "work_dir_is_a_file": ["--work_dir", "{a_file}"],
+    "work_dir_below_a_file": ["--work_dir", "{a_file}/runs"],
+    "generated_data_below_a_file": ["--data_dir", "{a_file}/parity"],
 }
 
 
@@ -364,8 +405,8 @@ def bad_flag_results(tmp_path_factory):
     for case, flags in BAD_FLAGS.items():
         flags = [flag.format(**dirs) for flag in flags]
         work = root / f"work_{case}"
-        procs[case] = (work, subprocess.Popen(
-            [sys.executable, "main.py", "--data_dir", good_data, *flags, "--work_dir", str(work), "--num_epoch", "1"],
+        procs[case] = (work, subprocess.Popen(  # the case's flags come last, so they override these
+            [sys.executable, "main.py", "--data_dir", good_data, "--work_dir", str(work), "--num_epoch", "1", *flags],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
     for case, (work, proc) in procs.items():
@@ -379,9 +420,10 @@ def test_bad_flag_fails_with_one_line(case, bad_flag_results):
     if case == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     code, out, err, work = bad_flag_results[case]
-    assert code != 0
-    lines = [line for line in (out + err).splitlines() if line.strip()]
-    assert len(lines) == 1, lines
+    assert code == main.EXIT_USAGE
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert all("generating" in line for line in out.splitlines()), out  # stdout: at most the generation note
     assert "Traceback" not in out + err
     assert not work.exists() or not any(work.iterdir())
 
@@ -444,3 +486,116 @@ def test_lstm_learns_generated_parity(tmp_path):
     final = json.loads((run_dir / "final.json").read_text())
     assert final["valid_acc"] == 100.0 and final["valid2_acc"] == 100.0
     assert final["stopped"] == "stop_acc"
+
+
+# -- signals: SIGTERM and SIGINT stop at the end of a batch with a resumable checkpoint ---------------------------
+
+def test_sigint_mid_epoch_checkpoints_that_batch_and_resumes_exactly(tmp_path, tiny_data, uninterrupted, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C during batch 9 (epoch 2, batch 2: between evaluations, inside a 3-batch accumulation)."""
+    real_train_batch = main.Run.train_batch
+    calls = []
+
+    def interrupted_during_batch_nine(self, *args):
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_train_batch(self, *args)
+
+    monkeypatch.setattr(main.Run, "train_batch", interrupted_during_batch_nine)
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE)
+    assert code == 130
+    progress = main.load_checkpoint(run_dir / "latest_model.pt")["progress"]
+    assert (progress["step"], progress["epoch"], progress["batch"]) == (9, 1, 3)
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 5, 6, 7]
+    out = capsys.readouterr().out
+    assert f"Stopped by SIGINT after step 9" in out and f"python main.py --resume {run_dir}" in out
+    monkeypatch.setattr(main.Run, "train_batch", real_train_batch)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_signal_before_the_first_batch_leaves_nothing_to_resume(tmp_path, tiny_data, monkeypatch, capsys):
+    real_header = main.Run.log_header
+
+    def header_then_sigterm(self, *args):
+        real_header(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(main.Run, "log_header", header_then_sigterm)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    assert code == 128 + signal.SIGTERM
+    assert run_dir is None  # the empty run directory is removed
+    out = capsys.readouterr().out
+    assert "nothing to resume" in out and f"Start again with: python main.py --data_dir {tiny_data}" in out
+
+
+def test_sigterm_to_a_real_process_then_resume_matches_uninterrupted_run(tmp_path, tiny_data):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["main.py", "--data_dir", str(tiny_data), *TINY, "--num_epoch", "40", "--dropout", "0.2",
+             "--stop_acc", "101"]
+    straight = subprocess.run([sys.executable, *flags, "--work_dir", str(tmp_path / "straight")], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    work = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *flags, "--work_dir", str(work)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = list(work.glob("*/metrics.jsonl"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 4:  # into epoch 2
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    run_dir = next(work.iterdir())
+    step = main.load_checkpoint(run_dir / "latest_model.pt")["progress"]["step"]
+    assert f"Stopped by SIGTERM after step {step}" in out and f"python main.py --resume {run_dir}" in out
+    assert not (run_dir / "final.json").exists()
+    resumed = subprocess.run([sys.executable, "main.py", "--resume", str(run_dir)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, next((tmp_path / "straight").iterdir()))
+
+
+def test_elapsed_time_leaves_out_kernel_builds(tmp_path, tiny_data, monkeypatch):
+    """A build that takes a second during the first batch is not counted in elapsed_s."""
+    built = [0.0]
+    monkeypatch.setattr(main.kernel_loader, "build_seconds", lambda: built[0])
+    real_train_batch = main.Run.train_batch
+
+    def first_batch_builds(self, *args):
+        if built[0] == 0.0:
+            time.sleep(1.0)
+            built[0] = 1.0
+        return real_train_batch(self, *args)
+
+    monkeypatch.setattr(main.Run, "train_batch", first_batch_builds)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "1")
+    assert code == 0
+    assert read_metrics(run_dir)[0]["elapsed_s"] < 0.5
+
+
+def test_log_and_final_json_say_which_path_computed_each_operator(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setenv("FWP_FORCE_REFERENCE", "1")
+    code, run_dir = run_main(tmp_path, tiny_data, "--model_type", "2", "--num_layer", "1", "--hidden_size", "8",
+                             "--n_head", "2", "--batch_size", "16", "--num_epoch", "1", "--remove_pos_enc")
+    assert code == 0
+    path = "PyTorch reference (FWP_FORCE_REFERENCE=1)"
+    assert json.loads((run_dir / "final.json").read_text())["operators"] == {"delta_net": path}
+    assert (run_dir / "log.txt").read_text().count(f"Operator delta_net: {path}") == 1
+
+
+def test_empty_data_folder_named_after_a_task_is_generated(tmp_path, monkeypatch):
+    """An empty folder (left by an older, non-atomic generation) counts as missing."""
+    written = []
+
+    def tiny_writer(task, out_dir, seed=1, bins=1):
+        written.append(task)
+        write_tiny_parity(Path(out_dir))
+
+    monkeypatch.setattr(main.data, "write_task", tiny_writer)
+    (tmp_path / "data" / "parity").mkdir(parents=True)
+    code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
+    assert code == 0 and written == ["parity"]
