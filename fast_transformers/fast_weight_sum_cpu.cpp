@@ -1,7 +1,8 @@
 // Fused CPU kernel of the sum-rule fast weight (linear attention without normalisation):
 //     W_t = W_{t-1} + outer(k_t, v_t),  out_t = q_t @ W_t,  W_{-1} = W0.
 // Each (batch, head) sequence keeps its E x M fast weight in a local buffer (it stays in L1/L2 cache) and is
-// processed by one thread; sequences are spread over threads with at::parallel_for.
+// processed by one thread; sequences are spread over threads with at::parallel_for. The time loop is register
+// blocked: a tile of W stays in registers while it absorbs the updates of 32 steps and answers their queries.
 //
 // The backward needs no saved state: the gradients of a sum-rule fast weight are themselves sum-rule fast weights,
 //     dq_t = W_t dout_t            = dout_t @ (W0^T + sum_{s<=t} outer(v_s, k_s))   (forward in time)
@@ -46,56 +47,119 @@ struct SumRuleSequence {
   int64_t length, E, M;
 };
 
-// Per-thread buffers, allocated once per parallel chunk (never per step).
-template <typename T>
+// Per-thread buffers, allocated once per parallel chunk (never per step). Bytes is the vector width of the
+// instruction set the kernel is compiled for.
+template <typename T, int Bytes>
 struct SumRuleWorkspace {
-  using V = typename Simd<T>::vec;
-  AlignedArray<V> weight, value, result;  // E x Mv fast weight (rows padded to whole vectors), v_t, out_t
+  using S = Simd<T, Bytes>;
+  using V = typename S::vec;
+  // Register tile: kRows rows x kCols vectors of W stay in registers over kSteps time steps (16 + 6 of the 32
+  // zmm registers on AVX-512, 8 + 6 of the 16 ymm registers on AVX2).
+  static constexpr int kRows = S::registers == 32 ? 8 : 4;
+  static constexpr int kCols = 2;
+  static constexpr int64_t kSteps = 32;
+  static int64_t padded_rows(int64_t E) { return (E + kRows - 1) / kRows * kRows; }
+  AlignedArray<V> weight, values, results;  // padded_rows(E) x Mv fast weight; v_t and out_t of kSteps steps
+  AlignedArray<T> keys, queries;            // k_t and q_t of kSteps steps, padded_rows(E) each (zero padded)
   explicit SumRuleWorkspace(int64_t max_dim)
-      : weight(max_dim * Simd<T>::vectors_for(max_dim)),
-        value(Simd<T>::vectors_for(max_dim)),
-        result(Simd<T>::vectors_for(max_dim)) {}
+      : weight(padded_rows(max_dim) * S::vectors_for(max_dim)),
+        values(kSteps * S::vectors_for(max_dim)),
+        results(kSteps * S::vectors_for(max_dim)),
+        keys(kSteps * padded_rows(max_dim)),
+        queries(kSteps * padded_rows(max_dim)) {}
 };
 
-// The hot loop. Column block j (one vector wide) of W is swept over all rows; each row is updated and read
-// in the same visit. The read is a sum over rows, split over four accumulators so consecutive rows do not wait
-// on each other's add.
-template <typename T>
-FWP_INLINE void run_sum_rule(const SumRuleSequence<T>& s, SumRuleWorkspace<T>& ws) {
-  using V = typename Simd<T>::vec;
-  const int64_t E = s.E, M = s.M, Mv = Simd<T>::vectors_for(M);
-  V* W = ws.weight.data();
-  if (s.W0 != nullptr)
-    fwp::load_matrix_padded(s.W0, E, M, s.w0_row, s.w0_col, W);
-  else
-    std::memset(static_cast<void*>(W), 0, E * Mv * sizeof(V));
-  V* v_t = ws.value.data();
-  V* out_t = ws.result.data();
-  for (int64_t t = 0; t < s.length; ++t) {
-    const T* q_t = s.q.at(t);
-    const T* k_t = s.k.at(t);
-    fwp::load_padded(s.v.at(t), M, v_t);
-    for (int64_t j = 0; j < Mv; ++j) {
-      const V vj = v_t[j];
-      V* column = W + j;
-      V acc[4] = {};
-      auto visit_row = [&](int64_t e, V& sum) {
-        const V row = column[e * Mv] + k_t[e] * vj;
-        column[e * Mv] = row;
-        sum += q_t[e] * row;
-      };
-      int64_t e = 0;
-      for (; e + 4 <= E; e += 4)
-        for (int r = 0; r < 4; ++r) visit_row(e + r, acc[r]);
-      for (; e < E; ++e) visit_row(e, acc[0]);
-      out_t[j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+// One register tile of W (rows [e0, e0 + kRows), column vectors [j, j + C)) over n staged time steps: each step
+// adds its outer product to the tile and reads the tile with q_t, adding the partial out_t (over these rows) to
+// `results`. W is loaded and stored once per kSteps steps instead of once per step, so the loop is bound by the
+// FMAs rather than by loads and stores.
+template <int C, typename T, int Bytes>
+FWP_INLINE void sum_rule_tile(SumRuleWorkspace<T, Bytes>& ws, int64_t e0, int64_t j, int64_t n, int64_t E_pad,
+                              int64_t Mv) {
+  using V = typename Simd<T, Bytes>::vec;
+  constexpr int R = SumRuleWorkspace<T, Bytes>::kRows;
+  V* const W = ws.weight.data();
+  const V* const values = ws.values.data();
+  V* const results = ws.results.data();
+  const T* const keys = ws.keys.data();
+  const T* const queries = ws.queries.data();
+  V w[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) w[r][c] = W[(e0 + r) * Mv + j + c];
+  for (int64_t i = 0; i < n; ++i) {
+    const T* const k = keys + i * E_pad + e0;
+    const T* const q = queries + i * E_pad + e0;
+    V v[C], acc[2][C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) v[c] = values[i * Mv + j + c];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T k_r = k[r], q_r = q[r];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        w[r][c] += k_r * v[c];
+        if (r < 2)
+          acc[r][c] = q_r * w[r][c];
+        else
+          acc[r % 2][c] += q_r * w[r][c];
+      }
     }
-    fwp::store_unpadded(out_t, M, s.out.at(t));
+    V* const out = results + i * Mv + j;
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) out[c] = (e0 == 0 ? V{} : out[c]) + (acc[0][c] + acc[1][c]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) W[(e0 + r) * Mv + j + c] = w[r][c];
+}
+
+// The sequence in blocks of kSteps steps: stage the block's vectors (zero padded), sweep W tile by tile, write the
+// block's outputs.
+template <typename T, int Bytes>
+FWP_INLINE void run_sum_rule(const SumRuleSequence<T>& s, SumRuleWorkspace<T, Bytes>& ws) {
+  using WS = SumRuleWorkspace<T, Bytes>;
+  const int64_t E = s.E, M = s.M, Mv = WS::S::vectors_for(M), E_pad = WS::padded_rows(E);
+  T* const W = reinterpret_cast<T*>(ws.weight.data());
+  const int64_t row_length = Mv * WS::S::width;
+  if (s.W0 != nullptr)
+    fwp::load_matrix_padded(s.W0, E, M, s.w0_row, s.w0_col, row_length, W);
+  else
+    std::memset(static_cast<void*>(W), 0, E * row_length * sizeof(T));
+  std::memset(static_cast<void*>(W + E * row_length), 0, (E_pad - E) * row_length * sizeof(T));
+  for (int64_t t0 = 0; t0 < s.length; t0 += WS::kSteps) {
+    const int64_t n = std::min<int64_t>(WS::kSteps, s.length - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* const k_t = s.k.at(t0 + i);
+      const T* const q_t = s.q.at(t0 + i);
+      T* const k = ws.keys.data() + i * E_pad;
+      T* const q = ws.queries.data() + i * E_pad;
+      for (int64_t e = 0; e < E; ++e) {
+        k[e] = k_t[e];
+        q[e] = q_t[e];
+      }
+      for (int64_t e = E; e < E_pad; ++e) k[e] = q[e] = T(0);
+      fwp::load_padded(s.v.at(t0 + i), M, ws.values.data() + i * Mv);
+    }
+    for (int64_t e0 = 0; e0 < E_pad; e0 += WS::kRows) {
+      int64_t j = 0;
+      for (; j + WS::kCols <= Mv; j += WS::kCols) sum_rule_tile<WS::kCols>(ws, e0, j, n, E_pad, Mv);
+      for (; j < Mv; ++j) sum_rule_tile<1>(ws, e0, j, n, E_pad, Mv);
+    }
+    for (int64_t i = 0; i < n; ++i) fwp::store_unpadded(ws.results.data() + i * Mv, M, s.out.at(t0 + i));
   }
 }
 
-FWP_SIMD_CLONES void sum_rule(const SumRuleSequence<float>& s, SumRuleWorkspace<float>& ws) { run_sum_rule(s, ws); }
-FWP_SIMD_CLONES void sum_rule(const SumRuleSequence<double>& s, SumRuleWorkspace<double>& ws) { run_sum_rule(s, ws); }
+// Runs `body(workspace)` with a workspace for the active instruction set; the body is compiled for it.
+template <typename T, typename Body>
+void with_sum_rule_workspace(int64_t max_dim, const Body& body) {
+  fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+    SumRuleWorkspace<T, decltype(width)::value> ws(max_dim);
+    body(ws);
+  });
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& W0) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && W0.dim() == 4,
@@ -123,14 +187,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const scalar_t* w0p = W0.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-      SumRuleWorkspace<scalar_t> ws(std::max(E, M));
+      with_sum_rule_workspace<scalar_t>(std::max(E, M), [&](auto& ws) FWP_LAMBDA_INLINE {
       for (int64_t i = begin; i < end; ++i) {
         const SumRuleSequence<scalar_t> seq{
             forward_in_time(qp + i * L * E, E), forward_in_time(kp + i * L * E, E),
             forward_in_time(vp + i * L * M, M), forward_in_time(outp + i * L * M, M),
             w0p + i * E * M, M, 1, L, E, M};
-        sum_rule(seq, ws);
+        run_sum_rule(seq, ws);
       }
+      });
     });
   });
   return {out};
@@ -148,24 +213,25 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const scalar_t *w0p = W0.data_ptr<scalar_t>(), *gp = grad_out.data_ptr<scalar_t>();
     scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-      SumRuleWorkspace<scalar_t> ws(std::max(E, M));
+      with_sum_rule_workspace<scalar_t>(std::max(E, M), [&](auto& ws) FWP_LAMBDA_INLINE {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t *qi = qp + i * L * E, *ki = kp + i * L * E, *vi = vp + i * L * M, *gi = gp + i * L * M;
         // dq_t = dout_t @ (W0^T + sum_{s<=t} outer(v_s, k_s))
-        sum_rule(SumRuleSequence<scalar_t>{forward_in_time(gi, M), forward_in_time(vi, M), forward_in_time(ki, E),
+        run_sum_rule(SumRuleSequence<scalar_t>{forward_in_time(gi, M), forward_in_time(vi, M), forward_in_time(ki, E),
                                            forward_in_time(dqp + i * L * E, E), w0p + i * E * M, 1, M, L, M, E},
                  ws);
         // dv_t = k_t @ sum_{s>=t} outer(q_s, dout_s)
-        sum_rule(SumRuleSequence<scalar_t>{backward_in_time(ki, L, E), backward_in_time(qi, L, E),
+        run_sum_rule(SumRuleSequence<scalar_t>{backward_in_time(ki, L, E), backward_in_time(qi, L, E),
                                            backward_in_time(gi, L, M), backward_in_time(dvp + i * L * M, L, M),
                                            nullptr, 0, 0, L, E, M},
                  ws);
         // dk_t = v_t @ sum_{s>=t} outer(dout_s, q_s)
-        sum_rule(SumRuleSequence<scalar_t>{backward_in_time(vi, L, M), backward_in_time(gi, L, M),
+        run_sum_rule(SumRuleSequence<scalar_t>{backward_in_time(vi, L, M), backward_in_time(gi, L, M),
                                            backward_in_time(qi, L, E), backward_in_time(dkp + i * L * E, L, E),
                                            nullptr, 0, 0, L, M, E},
                  ws);
       }
+      });
     });
   });
   return {dq, dk, dv};
@@ -177,6 +243,7 @@ bool supports(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", [] { return std::string(fwp::isa_name(fwp::active_isa())); }, "the instruction set the kernels run");
   m.def("supports", &supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &forward, "sum-rule fast weight, forward (CPU)");
   m.def("backward", &backward, "sum-rule fast weight, backward (CPU)");

@@ -27,6 +27,11 @@ namespace {
 using fwp::AlignedArray;
 using fwp::Simd;
 
+// Independent accumulators per row sum: enough to hide the FMA latency, few enough that the sweeps' accumulators
+// (three per slot in the backward) and operands fit the register file (16 ymm on AVX2, 32 zmm on AVX-512).
+template <typename S>
+constexpr int kAccumulators = S::registers == 32 ? 4 : 2;
+
 // Steps between saved fast weights: bounds how many undone updates separate a backward W from a saved one.
 constexpr int64_t kCheckpointInterval = 32;
 
@@ -48,30 +53,33 @@ struct DeltaForwardResult {
   T *out, *d, *checkpoints;
 };
 
-template <typename T>
+template <typename T, int Bytes>
 struct DeltaForwardWorkspace {
-  using V = typename Simd<T>::vec;
+  using S = Simd<T, Bytes>;
+  using V = typename S::vec;
   AlignedArray<V> weight, value, update, v_old, result;  // E x Mv fast weight; v_t, u_t, v_old, out_t: Mv each
   DeltaForwardWorkspace(int64_t E, int64_t M)
-      : weight(E * Simd<T>::vectors_for(M)),
-        value(Simd<T>::vectors_for(M)),
-        update(Simd<T>::vectors_for(M)),
-        v_old(Simd<T>::vectors_for(M)),
-        result(Simd<T>::vectors_for(M)) {}
+      : weight(E * S::vectors_for(M)),
+        value(S::vectors_for(M)),
+        update(S::vectors_for(M)),
+        v_old(S::vectors_for(M)),
+        result(S::vectors_for(M)) {}
 };
 
 // Forward in time. Step t sweeps the columns of W once: it writes the update, reads out_t, and already reads
 // v_old for step t+1 from the freshly updated rows. Row sums are split over four accumulators so consecutive
 // rows do not wait on each other's add.
-template <typename T>
+template <typename T, int Bytes>
 FWP_INLINE void run_delta_forward(const DeltaSequence<T>& s, const DeltaForwardResult<T>& r,
-                                  DeltaForwardWorkspace<T>& ws) {
-  using V = typename Simd<T>::vec;
-  const int64_t L = s.length, E = s.E, M = s.M, Mv = Simd<T>::vectors_for(M);
+                                  DeltaForwardWorkspace<T, Bytes>& ws) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::vec;
+  constexpr int slots = kAccumulators<S>;
+  const int64_t L = s.length, E = s.E, M = s.M, Mv = S::vectors_for(M);
   V *W = ws.weight.data(), *v_t = ws.value.data(), *u_t = ws.update.data(), *v_old = ws.v_old.data();
   V* out_t = ws.result.data();
   if (L == 0) return;
-  fwp::load_matrix_padded(s.W0, E, M, M, 1, W);
+  fwp::load_matrix_padded(s.W0, E, M, M, 1, Mv * S::width, reinterpret_cast<T*>(W));
   for (int64_t j = 0; j < Mv; ++j) {
     V sum = {};
     for (int64_t e = 0; e < E; ++e) sum += s.k[e] * W[e * Mv + j];
@@ -83,7 +91,7 @@ FWP_INLINE void run_delta_forward(const DeltaSequence<T>& s, const DeltaForwardR
     T* checkpoint = r.checkpoints + index * M * E;
     const T* W_scalars = reinterpret_cast<const T*>(W);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t e = 0; e < E; ++e) checkpoint[m * E + e] = W_scalars[e * Mv * Simd<T>::width + m];
+      for (int64_t e = 0; e < E; ++e) checkpoint[m * E + e] = W_scalars[e * Mv * S::width + m];
   };
   for (int64_t t = 0; t < L; ++t) {
     if (t % kCheckpointInterval == 0) save_checkpoint(t / kCheckpointInterval);
@@ -99,7 +107,7 @@ FWP_INLINE void run_delta_forward(const DeltaSequence<T>& s, const DeltaForwardR
     for (int64_t j = 0; j < Mv; ++j) {
       const V uj = u_t[j];
       V* column = W + j;
-      V out_acc[4] = {}, v_old_acc[4] = {};
+      V out_acc[slots] = {}, v_old_acc[slots] = {};
       auto visit_row = [&](int64_t e, int slot) {
         const V row = column[e * Mv] + k_t[e] * uj;
         column[e * Mv] = row;
@@ -107,11 +115,11 @@ FWP_INLINE void run_delta_forward(const DeltaSequence<T>& s, const DeltaForwardR
         v_old_acc[slot] += k_next[e] * row;
       };
       int64_t e = 0;
-      for (; e + 4 <= E; e += 4)
-        for (int slot = 0; slot < 4; ++slot) visit_row(e + slot, slot);
+      for (; e + slots <= E; e += slots)
+        for (int slot = 0; slot < slots; ++slot) visit_row(e + slot, slot);
       for (; e < E; ++e) visit_row(e, 0);
-      out_t[j] = (out_acc[0] + out_acc[1]) + (out_acc[2] + out_acc[3]);
-      v_old[j] = (v_old_acc[0] + v_old_acc[1]) + (v_old_acc[2] + v_old_acc[3]);
+      out_t[j] = fwp::sum_of<slots>(out_acc);
+      v_old[j] = fwp::sum_of<slots>(v_old_acc);
     }
     fwp::store_unpadded(out_t, M, r.out + t * M);
   }
@@ -131,9 +139,10 @@ struct DeltaGradients {
 
 // Backward buffers. Matrices are kept transposed (M rows of E values) so that the E-long results dq and dk are
 // row accumulations; only du needs a sum along a row.
-template <typename T>
+template <typename T, int Bytes>
 struct DeltaBackwardWorkspace {
-  using V = typename Simd<T>::vec;
+  using S = Simd<T, Bytes>;
+  using V = typename S::vec;
   int64_t Ev;
   AlignedArray<V> weight;          // W_s^T: M x Ev
   AlignedArray<V> grad_weight;     // G^T: M x Ev
@@ -141,20 +150,21 @@ struct DeltaBackwardWorkspace {
   AlignedArray<V> q_s, k_s, k_next, dq_s, dk_s, dk_next, dk_later;  // Ev each
   AlignedArray<V> d_s, u_s, dv_old, du;                             // Mv each (zero padded)
   DeltaBackwardWorkspace(int64_t E, int64_t M)
-      : Ev(Simd<T>::vectors_for(E)),
+      : Ev(S::vectors_for(E)),
         weight(M * Ev),
         grad_weight(M * Ev),
         du_partial(M),
         q_s(Ev), k_s(Ev), k_next(Ev), dq_s(Ev), dk_s(Ev), dk_next(Ev), dk_later(Ev),
-        d_s(Simd<T>::vectors_for(M)), u_s(Simd<T>::vectors_for(M)), dv_old(Simd<T>::vectors_for(M)),
-        du(Simd<T>::vectors_for(M)) {}
+        d_s(S::vectors_for(M)), u_s(S::vectors_for(M)), dv_old(S::vectors_for(M)),
+        du(S::vectors_for(M)) {}
 };
 
 // One reverse step over W_s^T and G^T (see the header), leaving W_{s-1}^T in place of W_s^T. Without `with_step`
 // only the first line runs: the final W0 dv_old_0 term of dk_0, where there is no step s = -1.
-template <typename T, bool with_step>
-FWP_INLINE void backward_sweep(const T* dout_s, DeltaBackwardWorkspace<T>& ws, int64_t M) {
-  using V = typename Simd<T>::vec;
+template <bool with_step, typename T, int Bytes>
+FWP_INLINE void backward_sweep(const T* dout_s, DeltaBackwardWorkspace<T, Bytes>& ws, int64_t M) {
+  using V = typename Simd<T, Bytes>::vec;
+  constexpr int slots = kAccumulators<Simd<T, Bytes>>;
   const int64_t Ev = ws.Ev;
   V *Wt = ws.weight.data(), *Gt = ws.grad_weight.data();
   V* du_partial = ws.du_partial.data();
@@ -165,7 +175,7 @@ FWP_INLINE void backward_sweep(const T* dout_s, DeltaBackwardWorkspace<T>& ws, i
     const V kn = ws.k_next.data()[j];
     const V qs = with_step ? ws.q_s.data()[j] : V{};
     const V ks = with_step ? ws.k_s.data()[j] : V{};
-    V dk_next_acc[4] = {}, dq_acc[4] = {}, dk_acc[4] = {};
+    V dk_next_acc[slots] = {}, dq_acc[slots] = {}, dk_acc[slots] = {};
     auto visit_row = [&](int64_t m, int slot) {
       const V w = Wt[m * Ev + j];
       V g = Gt[m * Ev + j] + dv_old[m] * kn;
@@ -180,26 +190,27 @@ FWP_INLINE void backward_sweep(const T* dout_s, DeltaBackwardWorkspace<T>& ws, i
       Gt[m * Ev + j] = g;
     };
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      for (int slot = 0; slot < 4; ++slot) visit_row(m + slot, slot);
+    for (; m + slots <= M; m += slots)
+      for (int slot = 0; slot < slots; ++slot) visit_row(m + slot, slot);
     for (; m < M; ++m) visit_row(m, 0);
-    ws.dk_next.data()[j] = (dk_next_acc[0] + dk_next_acc[1]) + (dk_next_acc[2] + dk_next_acc[3]);
+    ws.dk_next.data()[j] = fwp::sum_of<slots>(dk_next_acc);
     if (with_step) {
-      ws.dq_s.data()[j] = (dq_acc[0] + dq_acc[1]) + (dq_acc[2] + dq_acc[3]);
-      ws.dk_s.data()[j] = (dk_acc[0] + dk_acc[1]) + (dk_acc[2] + dk_acc[3]);
+      ws.dq_s.data()[j] = fwp::sum_of<slots>(dq_acc);
+      ws.dk_s.data()[j] = fwp::sum_of<slots>(dk_acc);
     }
   }
   if (with_step) {
     T* du = reinterpret_cast<T*>(ws.du.data());
-    for (int64_t i = 0; i < M; ++i) du[i] = fwp::horizontal_sum<T>(du_partial[i]);
+    for (int64_t i = 0; i < M; ++i) du[i] = fwp::horizontal_sum(du_partial[i]);
   }
 }
 
-template <typename T>
+template <typename T, int Bytes>
 FWP_INLINE void run_delta_backward(const DeltaSequence<T>& s, const DeltaBackwardInputs<T>& in,
-                                   const DeltaGradients<T>& grads, DeltaBackwardWorkspace<T>& ws) {
-  using V = typename Simd<T>::vec;
-  const int64_t L = s.length, E = s.E, M = s.M, Ev = ws.Ev, Mv = Simd<T>::vectors_for(M);
+                                   const DeltaGradients<T>& grads, DeltaBackwardWorkspace<T, Bytes>& ws) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::vec;
+  const int64_t L = s.length, E = s.E, M = s.M, Ev = ws.Ev, Mv = S::vectors_for(M);
   if (L == 0) return;
   std::memset(static_cast<void*>(ws.grad_weight.data()), 0, M * Ev * sizeof(V));
   std::memset(static_cast<void*>(ws.dv_old.data()), 0, Mv * sizeof(V));
@@ -207,7 +218,8 @@ FWP_INLINE void run_delta_backward(const DeltaSequence<T>& s, const DeltaBackwar
   std::memset(static_cast<void*>(ws.k_next.data()), 0, Ev * sizeof(V));
   std::memset(static_cast<void*>(ws.dk_later.data()), 0, Ev * sizeof(V));
   auto load_checkpoint = [&](int64_t index) {
-    fwp::load_matrix_padded(in.checkpoints + index * M * E, M, E, E, 1, ws.weight.data());
+    fwp::load_matrix_padded(in.checkpoints + index * M * E, M, E, E, 1, Ev * S::width,
+                            reinterpret_cast<T*>(ws.weight.data()));
   };
   // Adds dk_s's part computed at step s (G u_s, in dk_later) to its part computed at step s-1 (W dv_old).
   auto finish_dk = [&](int64_t t) {
@@ -237,7 +249,7 @@ FWP_INLINE void run_delta_backward(const DeltaSequence<T>& s, const DeltaBackwar
       fwp::load_padded(s.k + t * E, E, ws.k_s.data());
       fwp::load_padded(in.d + t * M, M, d_s);
       for (int64_t j = 0; j < Mv; ++j) u_s[j] = beta_t * d_s[j];  // the forward's u_t, bit for bit
-      backward_sweep<T, true>(in.grad_out + t * M, ws, M);
+      backward_sweep<true>(in.grad_out + t * M, ws, M);
       if (t + 1 < L) finish_dk(t + 1);
       fwp::store_unpadded(ws.dq_s.data(), E, grads.dq + t * E);
       ws.dk_later.swap(ws.dk_s);
@@ -248,30 +260,13 @@ FWP_INLINE void run_delta_backward(const DeltaSequence<T>& s, const DeltaBackwar
         du[j] *= beta_t;  // now dv_t
       }
       fwp::store_unpadded(du, M, grads.dv + t * M);
-      grads.dbeta[t] = fwp::horizontal_sum<T>(dbeta);
+      grads.dbeta[t] = fwp::horizontal_sum(dbeta);
       ws.k_next.swap(ws.k_s);
     }
   }
   load_checkpoint(0);  // W0^T, exactly
-  backward_sweep<T, false>(nullptr, ws, M);
+  backward_sweep<false>(static_cast<const T*>(nullptr), ws, M);
   finish_dk(0);
-}
-
-FWP_SIMD_CLONES void delta_forward(const DeltaSequence<float>& s, const DeltaForwardResult<float>& r,
-                                   DeltaForwardWorkspace<float>& ws) {
-  run_delta_forward(s, r, ws);
-}
-FWP_SIMD_CLONES void delta_forward(const DeltaSequence<double>& s, const DeltaForwardResult<double>& r,
-                                   DeltaForwardWorkspace<double>& ws) {
-  run_delta_forward(s, r, ws);
-}
-FWP_SIMD_CLONES void delta_backward(const DeltaSequence<float>& s, const DeltaBackwardInputs<float>& in,
-                                    const DeltaGradients<float>& g, DeltaBackwardWorkspace<float>& ws) {
-  run_delta_backward(s, in, g, ws);
-}
-FWP_SIMD_CLONES void delta_backward(const DeltaSequence<double>& s, const DeltaBackwardInputs<double>& in,
-                                    const DeltaGradients<double>& g, DeltaBackwardWorkspace<double>& ws) {
-  run_delta_backward(s, in, g, ws);
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
@@ -309,12 +304,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const scalar_t *bp = beta.data_ptr<scalar_t>(), *w0p = W0.data_ptr<scalar_t>();
     scalar_t *outp = out.data_ptr<scalar_t>(), *dp = d.data_ptr<scalar_t>(), *cp = checkpoints.data_ptr<scalar_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      DeltaForwardWorkspace<scalar_t> ws(E, M);
+      fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+      DeltaForwardWorkspace<scalar_t, decltype(width)::value> ws(E, M);
       for (int64_t i = begin; i < end; ++i) {
         const DeltaSequence<scalar_t> seq{qp + i * L * E, kp + i * L * E, vp + i * L * M, bp + i * L,
                                           w0p + i * E * M, L, E, M};
-        delta_forward(seq, DeltaForwardResult<scalar_t>{outp + i * L * M, dp + i * L * M, cp + i * C * E * M}, ws);
+        run_delta_forward(seq, DeltaForwardResult<scalar_t>{outp + i * L * M, dp + i * L * M, cp + i * C * E * M},
+                          ws);
       }
+      });
     });
   });
   return {out, d, checkpoints};
@@ -342,14 +340,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
     scalar_t* dbp = dbeta.data_ptr<scalar_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      DeltaBackwardWorkspace<scalar_t> ws(E, M);
+      fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+      DeltaBackwardWorkspace<scalar_t, decltype(width)::value> ws(E, M);
       for (int64_t i = begin; i < end; ++i) {
         const DeltaSequence<scalar_t> seq{qp + i * L * E, kp + i * L * E, vp + i * L * M, bp + i * L,
                                           w0p + i * E * M, L, E, M};
-        delta_backward(seq, DeltaBackwardInputs<scalar_t>{gp + i * L * M, dp + i * L * M, cp + i * C * E * M},
+        run_delta_backward(seq, DeltaBackwardInputs<scalar_t>{gp + i * L * M, dp + i * L * M, cp + i * C * E * M},
                        DeltaGradients<scalar_t>{dqp + i * L * E, dkp + i * L * E, dvp + i * L * M, dbp + i * L},
                        ws);
       }
+      });
     });
   });
   return {dq, dk, dv, dbeta};
@@ -362,6 +362,7 @@ bool supports(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", [] { return std::string(fwp::isa_name(fwp::active_isa())); }, "the instruction set the kernels run");
   m.def("supports", &supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &forward, "delta-rule fast weight, forward (CPU)");
   m.def("backward", &backward, "delta-rule fast weight, backward (CPU)");

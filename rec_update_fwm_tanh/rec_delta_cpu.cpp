@@ -82,8 +82,8 @@ struct ForwardScratch {
 
 // One (batch, head) item: qx, kx, vx and out are (L, D), bx (L), R_cat (D, N_pad), W0 (D, D), h0 (D),
 // steps (L, 3D+1), ckpt (num_chunks, D, D_pad).
-template <typename T>
-FWP_MULTIVERSION void forward_item(const T* qx, const T* kx, const T* vx, const T* bx, const T* R_cat,
+template <int Bytes, typename T>
+FWP_INLINE void forward_item(const T* qx, const T* kx, const T* vx, const T* bx, const T* R_cat,
                                    const T* W0, const T* h0, T* out, T* steps, T* ckpt, const Dims& dims,
                                    ForwardScratch<T>& sc) {
   const int64_t L = dims.L, D = dims.D, D_pad = dims.D_pad;
@@ -111,18 +111,18 @@ FWP_MULTIVERSION void forward_item(const T* qx, const T* kx, const T* vx, const 
     std::copy(kx + t * D, kx + (t + 1) * D, z + D);
     std::copy(vx + t * D, vx + (t + 1) * D, z + 2 * D);
     z[3 * D] = bx[t];
-    add_vec_mat(s, R_cat, D, dims.N_pad, z);
+    add_vec_mat<Bytes>(s, R_cat, D, dims.N_pad, z);
     softmax(z, q, D);
     softmax(z + D, k, D);
     step[lay.beta()] = sigmoid_vectorisable(z[3 * D]);
 
     std::fill(v_old, v_old + D_pad, T(0));
-    add_vec_mat(k, W, D, D_pad, v_old);
+    add_vec_mat<Bytes>(k, W, D, D_pad, v_old);
     for (int64_t m = 0; m < D; ++m) diff[m] = z[2 * D + m] - v_old[m];
     write_vector(step, lay, u);
 
     // W += outer(k, u) and read = q @ W (the updated W) in one pass.
-    for_column_blocks<T>(D_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    for_column_blocks<Bytes, T>(D_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
       constexpr int64_t w = decltype(width)::value;
       T acc[w] = {};
       for (int64_t e = 0; e < D; ++e) {
@@ -161,33 +161,21 @@ struct BackwardScratch {
 template <typename T>
 FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
                               BackwardScratch<T>& sc) {
-  const int64_t D = dims.D, D_pad = dims.D_pad;
+  const int64_t D = dims.D;
   const StepLayout lay{D};
-  T* const W_T_chunk = sc.W_T_chunk;
-  T* const u = sc.u;
-  T* const k_pad = sc.k_pad;
-  const T* W = ckpt + c * D * D_pad;
-  for (int64_t m = 0; m < D; ++m)  // contiguous stores; the strided loads hit the same few lines for a while
-    for (int64_t e = 0; e < D; ++e) W_T_chunk[m * D_pad + e] = W[e * D_pad + m];
-  for (int64_t j = 1; j < len; ++j) {
-    const T* W_T_before = W_T_chunk + (j - 1) * D * D_pad;
-    T* W_T = W_T_chunk + j * D * D_pad;
-    const T* step = steps + (c * dims.chunk + j - 1) * lay.size();
-    write_vector(step, lay, u);
-    std::copy(step + lay.k(), step + lay.k() + D, k_pad);
-    for (int64_t m = 0; m < D; ++m) {  // W_T[m, e] = W_T_before[m, e] + u[m] k[e]: the forward's update, transposed
-      const T u_m = u[m];
-#pragma omp simd
-      for (int64_t e = 0; e < D_pad; ++e) W_T[m * D_pad + e] = W_T_before[m * D_pad + e] + u_m * k_pad[e];
-    }
-  }
+  rebuild_transposed_chunk(ckpt + c * D * dims.D_pad, D, D, dims.D_pad, dims.D_pad, len, sc.W_T_chunk, sc.u, sc.k_pad,
+                           [&](int64_t j, T* u, T* k) FWP_LAMBDA_INLINE {
+                             const T* step = steps + (c * dims.chunk + j) * lay.size();
+                             write_vector(step, lay, u);
+                             std::copy(step + lay.k(), step + lay.k() + D, k);
+                           });
 }
 
 // dz_out receives, per step, [d qx_t | d kx_t | d vx_t | d bx_t] (N). R_cat_T is (N, D_pad): R_cat transposed, so
 // the gradient flowing back into s is a sum of rows; this item's share of its gradient is added to dR_cat_T
 // (N, D_pad).
-template <typename T>
-FWP_MULTIVERSION void backward_item(const T* grad_out, const T* out, const T* h0, const T* steps, const T* ckpt,
+template <int Bytes, typename T>
+FWP_INLINE void backward_item(const T* grad_out, const T* out, const T* h0, const T* steps, const T* ckpt,
                                     const T* R_cat_T, T* dz_out, T* dR_cat_T, const Dims& dims,
                                     BackwardScratch<T>& sc) {
   const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N;
@@ -231,7 +219,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* out, const T* h0
       // out_t = q @ W_t, W_t = W_prev + outer(k, u): dW becomes the gradient w.r.t. W_t; then du = k @ dW and
       // dk = dW @ u.
       std::fill(dk, dk + D, T(0));
-      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
         constexpr int64_t w = decltype(width)::value;
         T du_acc[w] = {};
         for (int64_t e = 0; e < D; ++e) {
@@ -252,7 +240,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* out, const T* h0
       const T d_beta = dot(du, diff, D);
       for (int64_t m = 0; m < D; ++m) dv[m] = beta * du[m];
       // dq = W_t @ g = W_prev @ g + k (u . g), and dk gets -W_prev @ dv: sums of the rows of W_prev^T.
-      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
         constexpr int64_t w = decltype(width)::value;
         T dq_acc[w] = {}, dk_acc[w] = {};
         for (int64_t m = 0; m < D; ++m) {
@@ -284,7 +272,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* out, const T* h0
       std::copy(dv, dv + D, dz_t + 2 * D);
       dz_t[3 * D] = d_beta * beta * (T(1) - beta);
       // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
-      for_column_blocks<T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
         constexpr int64_t w = decltype(width)::value;
         T ds_acc[w] = {};
         for (int64_t n = 0; n < N; ++n) {
@@ -312,15 +300,7 @@ void check_inputs(const std::vector<at::Tensor>& inputs) {
   const std::vector<std::vector<int64_t>> shapes = {{B, H, L, D}, {B, H, L, D}, {B, H, L, D}, {B, H, L, 1},
                                                     {1, H, D, D},  {1, H, D, D},  {1, H, D, D},  {1, H, 1, D},
                                                     {B, H, D, D},  {B, H, 1, D}};
-  const char* names[] = {"qx", "kx", "vx", "bx", "R_q", "R_k", "R_v", "r_b", "W0", "h0"};
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    TORCH_CHECK(inputs[i].sizes() == at::IntArrayRef(shapes[i]), "rec_delta: ", names[i], " has shape ",
-                inputs[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
-    TORCH_CHECK(inputs[i].device().is_cpu() && inputs[i].is_contiguous(), "rec_delta: ", names[i],
-                " must be a contiguous CPU tensor");
-    TORCH_CHECK(inputs[i].scalar_type() == qx.scalar_type(), "rec_delta: ", names[i], " has dtype ",
-                inputs[i].scalar_type(), ", expected ", qx.scalar_type());
-  }
+  check_shapes("rec_delta", inputs, shapes, {"qx", "kx", "vx", "bx", "R_q", "R_k", "R_v", "r_b", "W0", "h0"});
 }
 
 // (1, H, D, 3D+1): [R_q | R_k | R_v | r_b^T] along the last dimension.
@@ -332,23 +312,6 @@ at::Tensor concat_recurrent_weights(const at::Tensor& R_q, const at::Tensor& R_k
 // The last dimension zero-padded to `size`, contiguous.
 at::Tensor pad_last_dim(const at::Tensor& tensor, int64_t size) {
   return at::constant_pad_nd(tensor, {0, size - tensor.size(-1)}).contiguous();
-}
-
-// Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch
-// (built from scratch_args). Items are handed out one at a time rather than in equal static shares, so a thread
-// slowed down by other processes on the machine does not leave the others waiting at the end.
-template <typename Scratch, typename ScratchArgs, typename Work>
-void parallel_items(int64_t n, const ScratchArgs& scratch_args, const Work& work) {
-  std::atomic<int64_t> next_item{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    Scratch scratch(scratch_args);
-    for (int64_t i = next_item++; i < n; i = next_item++) work(i, scratch);
-  });
-}
-
-template <typename T>
-T* item_ptr(const at::Tensor& tensor, int64_t item, int64_t item_size) {
-  return tensor.data_ptr<T>() + item * item_size;
 }
 
 std::vector<at::Tensor> rec_delta_forward(const at::Tensor& qx, const at::Tensor& kx, const at::Tensor& vx,
@@ -366,11 +329,13 @@ std::vector<at::Tensor> rec_delta_forward(const at::Tensor& qx, const at::Tensor
     const at::Tensor R_cat = pad_last_dim(concat_recurrent_weights(R_q, R_k, R_v, r_b), dims.N_pad);
     ckpt = at::empty({B, H, dims.num_chunks, D, dims.D_pad}, qx.options());
     parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
-      forward_item<T>(item_ptr<T>(qx, i, L * D), item_ptr<T>(kx, i, L * D), item_ptr<T>(vx, i, L * D),
+      fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+      forward_item<decltype(width)::value, T>(item_ptr<T>(qx, i, L * D), item_ptr<T>(kx, i, L * D), item_ptr<T>(vx, i, L * D),
                       item_ptr<T>(bx, i, L), item_ptr<T>(R_cat, i % H, D * dims.N_pad), item_ptr<T>(W0, i, D * D),
                       item_ptr<T>(h0, i, D), item_ptr<T>(out, i, L * D),
                       item_ptr<T>(steps, i, L * StepLayout{D}.size()),
                       item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad), dims, scratch);
+      });
     });
   });
   return {out, /*saved:*/ out, steps, ckpt};
@@ -405,10 +370,12 @@ std::vector<at::Tensor> rec_delta_backward(const at::Tensor& grad_out, const at:
       T* dR_cat_T = item_ptr<T>(dR_cat_T_groups, (group % groups_per_head) * H + h, N * dims.D_pad);
       for (int64_t b = first_b; b < std::min(B, first_b + kGroupItems); ++b) {
         const int64_t i = b * H + h;
-        backward_item<T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(out, i, L * D), item_ptr<T>(h0, i, D),
+        fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+        backward_item<decltype(width)::value, T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(out, i, L * D), item_ptr<T>(h0, i, D),
                          item_ptr<T>(steps, i, L * StepLayout{D}.size()),
                          item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad),
                          item_ptr<T>(R_cat_T, h, N * dims.D_pad), item_ptr<T>(dz, i, L * N), dR_cat_T, dims, scratch);
+        });
       }
     });
     dR_cat = dR_cat_T_groups.sum(0, /*keepdim=*/true).narrow(-1, 0, D).transpose(-1, -2);  // (1, H, D, N)
@@ -433,6 +400,7 @@ bool rec_delta_supports(const at::Tensor& qx, const at::Tensor& kx, const at::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", [] { return std::string(fwp::isa_name(fwp::active_isa())); }, "the instruction set the kernels run");
   m.def("supports", &rec_delta_supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &rec_delta_forward, "Recurrent Delta rule, forward (CPU)");
   m.def("backward", &rec_delta_backward, "Recurrent Delta rule, backward (CPU)");

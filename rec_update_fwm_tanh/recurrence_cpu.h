@@ -1,5 +1,6 @@
 // Shared by the Recurrent Delta and SRWM CPU kernels (self_ref_v0_cpu.cpp includes it by relative path):
-// multiversioning macros, element-wise functions that vectorise, padded-matrix helpers and the checkpoint interval.
+// element-wise functions that vectorise, padded-matrix helpers, the checkpoints and the backward's rebuild of a
+// chunk of transposed matrices, and the parallel loop over items.
 #pragma once
 
 #include <algorithm>
@@ -8,22 +9,14 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-// kernel_loader builds with plain -O3 (baseline x86-64: SSE2, no FMA); the per-item loops also get AVX2+FMA and
-// AVX-512 copies, chosen once at load time from the CPU's features (x86-64-v3/v4 levels dispatch on features;
-// "arch=<cpu name>" clones would dispatch on the CPU model and miss newer or virtualised CPUs).
-#define FWP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FWP_MULTIVERSION
-#endif
-#if defined(__GNUC__)
-// Helpers must be inlined into each clone to be compiled for its instruction set.
-#define FWP_INLINE inline __attribute__((always_inline))
-#define FWP_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define FWP_INLINE inline
-#define FWP_LAMBDA_INLINE
-#endif
+#include <atomic>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+// The one SIMD header of all four CPU kernels: instruction-set dispatch (fwp::dispatch), FWP_INLINE.
+#include "../fast_transformers/simd_cpu.h"
 
 namespace fwp_recurrence_cpu {
 
@@ -138,8 +131,10 @@ FWP_INLINE void softmax_backward_inplace(const T* p, T* dp, int64_t n) {
 }
 
 // ---- Padded matrices and column blocks --------------------------------------------------------------------------
+// Matrix rows are padded to whole cache lines (64 bytes), whatever the instruction set; the loops walk them in
+// vectors of the instruction set's width (Bytes), which divides 64.
 template <typename T>
-constexpr int64_t kVector = 64 / sizeof(T);  // elements per 64-byte vector (one AVX-512 register, one cache line)
+constexpr int64_t kVector = 64 / sizeof(T);
 
 template <typename T>
 int64_t padded(int64_t n) {
@@ -147,11 +142,12 @@ int64_t padded(int64_t n) {
 }
 
 // Calls block(first_column, width) over consecutive column blocks covering [0, cols), cols being a multiple of
-// kVector<T>. width is a std::integral_constant of at most four vectors, so a block's accumulators are a
-// fixed-size array the compiler keeps in registers while the block walks down the rows.
-template <typename T, typename Block>
+// kVector<T>. width is a std::integral_constant of at most four vectors of Bytes bytes (two accumulator arrays
+// of four ymm registers fit AVX2's 16), so a block's accumulators are a fixed-size array the compiler keeps in
+// registers while the block walks down the rows.
+template <int Bytes, typename T, typename Block>
 FWP_INLINE void for_column_blocks(int64_t cols, Block&& block) {
-  constexpr int64_t V = kVector<T>;
+  constexpr int64_t V = Bytes / sizeof(T);
   int64_t c = 0;
   for (; c + 4 * V <= cols; c += 4 * V) block(c, std::integral_constant<int64_t, 4 * V>{});
   switch ((cols - c) / V) {
@@ -171,9 +167,9 @@ FWP_INLINE void copy_block(const T* from, T* to) {
 }
 
 // y += x @ M for M (rows, cols) with row stride cols
-template <typename T>
+template <int Bytes, typename T>
 FWP_INLINE void add_vec_mat(const T* x, const T* M, int64_t rows, int64_t cols, T* y) {
-  for_column_blocks<T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+  for_column_blocks<Bytes, T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
     constexpr int64_t w = decltype(width)::value;
     T acc[w];
     copy_block<w>(y + c, acc);
@@ -195,6 +191,58 @@ constexpr int64_t kRebuildBytes = 1024 * 1024;
 
 inline int64_t chunk_length(int64_t L, int64_t matrix_bytes) {
   return std::clamp<int64_t>(kRebuildBytes / matrix_bytes, 1, std::max<int64_t>(L, 1));
+}
+
+// Fills W_T_chunk[0 .. len) with the transposes of the matrices a chunk's steps read: the first is the transposed
+// checkpoint W (rows x cols used, row stride w_stride), each next one the previous plus the rank-one update of the
+// step before it, W_T[n, e] += u[n] k[e] (the forward's update, transposed). load_step(j, u, k) writes the update
+// vectors of the chunk's step j (u: cols values, k: rows values; padding stays zero). Transposed rows have
+// row_pad >= rows values.
+template <typename T, typename LoadStep>
+FWP_INLINE void rebuild_transposed_chunk(const T* W, int64_t rows, int64_t cols, int64_t w_stride, int64_t row_pad,
+                                         int64_t len, T* W_T_chunk, T* u, T* k, const LoadStep& load_step) {
+  for (int64_t n = 0; n < cols; ++n)  // contiguous stores; the strided loads hit the same few lines for a while
+    for (int64_t e = 0; e < rows; ++e) W_T_chunk[n * row_pad + e] = W[e * w_stride + n];
+  for (int64_t j = 1; j < len; ++j) {
+    const T* W_T_before = W_T_chunk + (j - 1) * cols * row_pad;
+    T* W_T = W_T_chunk + j * cols * row_pad;
+    load_step(j - 1, u, k);
+    for (int64_t n = 0; n < cols; ++n) {
+      const T u_n = u[n];
+#pragma omp simd
+      for (int64_t e = 0; e < row_pad; ++e) W_T[n * row_pad + e] = W_T_before[n * row_pad + e] + u_n * k[e];
+    }
+  }
+}
+
+// Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch
+// (built from scratch_args). Items are handed out one at a time rather than in equal static shares, so a thread
+// slowed down by other processes on the machine does not leave the others waiting at the end.
+template <typename Scratch, typename ScratchArgs, typename Work>
+void parallel_items(int64_t n, const ScratchArgs& scratch_args, const Work& work) {
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch scratch(scratch_args);
+    for (int64_t i = next_item++; i < n; i = next_item++) work(i, scratch);
+  });
+}
+
+template <typename T>
+T* item_ptr(const at::Tensor& tensor, int64_t item, int64_t item_size) {
+  return tensor.data_ptr<T>() + item * item_size;
+}
+
+// Checks that every input is a contiguous CPU tensor of the first one's dtype with the expected shape.
+inline void check_shapes(const char* op, const std::vector<at::Tensor>& inputs,
+                         const std::vector<std::vector<int64_t>>& shapes, const std::vector<const char*>& names) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK(inputs[i].sizes() == at::IntArrayRef(shapes[i]), op, ": ", names[i], " has shape ",
+                inputs[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
+    TORCH_CHECK(inputs[i].device().is_cpu() && inputs[i].is_contiguous(), op, ": ", names[i],
+                " must be a contiguous CPU tensor");
+    TORCH_CHECK(inputs[i].scalar_type() == inputs[0].scalar_type(), op, ": ", names[i], " has dtype ",
+                inputs[i].scalar_type(), ", expected ", inputs[0].scalar_type());
+  }
 }
 
 }  // namespace fwp_recurrence_cpu

@@ -11,6 +11,8 @@ FLOPs are those of the equations: each operator's forward multiply-adds per step
 plus backward (the backward forms two products per forward product); recomputation inside kernels is not counted.
 `--chunked` adds the chunk-parallel forms of the sum and delta rules. `--threads 1 --cpu-time` times the CPU
 time of the one computing thread instead of wall time, which other users' load on a shared machine barely moves.
+The first lines name the CPU, its vector instruction sets, the one the fused kernels run (`--isa avx2` caps it,
+through FWP_CPU_ISA, to measure the AVX2 kernels on an AVX-512 machine) and ATen's.
 """
 import argparse
 import os
@@ -96,6 +98,38 @@ def matmul_gflops(device, clock, size=2048, repeats=5):
     return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, device, clock) / 1e9
 
 
+def cpu_description():
+    """'<model name> (<vector ISAs>)' from /proc/cpuinfo, or the platform's processor string elsewhere."""
+    import platform
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    isas = [name for name in ("avx512f", "avx2", "fma") if name in flags]
+    return f"{model} ({', '.join(isas) or 'no AVX'})"
+
+
+def kernel_isa(ops, device):
+    """The instruction set the compiled CPU kernels dispatch to (they all decide alike)."""
+    if device != "cpu":
+        return "n/a"
+    for name in ops:
+        _, _, (folder, base), *_ = OPERATORS[name]
+        ext = None if kernel_loader.reference_forced() else kernel_loader.load(folder, base, "cpu")
+        if ext is not None and hasattr(ext, "isa"):
+            return ext.isa()
+    return "none (no kernel)"
+
+
 def forward_backward(fn, differentiable, fixed):
     def run():
         for t in differentiable:
@@ -132,7 +166,11 @@ def main(argv=None):
     parser.add_argument("--cpu-time", action="store_true",
                         help="time the CPU time of the computing thread (needs --threads 1 and --device cpu)")
     parser.add_argument("--chunked", action="store_true", help="also time the chunk-parallel sum and delta forms")
+    parser.add_argument("--isa", choices=("native", "avx2", "baseline"), default="native",
+                        help="cap the CPU kernels' instruction set (sets FWP_CPU_ISA; native: the best the CPU has)")
     args = parser.parse_args(argv)
+    if args.isa != "native":
+        os.environ["FWP_CPU_ISA"] = args.isa  # read once, at the kernels' first call
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "bench_ops.py: error: --device cuda but no CUDA device is available\n")
     if args.cpu_time and (args.threads != 1 or args.device != "cpu"):
@@ -142,7 +180,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     B, H, L = args.batch, args.heads, args.length
     print(f"device {args.device}, {torch.get_num_threads()} threads, B={B} H={H} L={L}, float32, forward + backward, "
-          f"{'CPU' if args.cpu_time else 'wall'} time\n")
+          f"{'CPU' if args.cpu_time else 'wall'} time")
+    if args.device == "cpu":
+        print(f"CPU: {cpu_description()}; fused kernels: {kernel_isa(args.ops, args.device)}; "
+              f"ATen: {torch.backends.cpu.get_cpu_capability()}")
+    print()
     print("| operator | D | fused (ms) | reference (ms) | speed-up | fused GFLOP/s | matmul GFLOP/s | % of matmul |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     notes = []

@@ -114,8 +114,8 @@ struct ForwardScratch {
 };
 
 // One (batch, head) item: x and out are (L, D), steps (L, 5D+8), ckpt (num_chunks, D, N_pad).
-template <typename T>
-FWP_MULTIVERSION void forward_item(const T* x, const ItemMatrices<T> W_in, T* out, T* steps, T* ckpt,
+template <int Bytes, typename T>
+FWP_INLINE void forward_item(const T* x, const ItemMatrices<T> W_in, T* out, T* steps, T* ckpt,
                                    const Dims& dims, ForwardScratch<T>& sc) {
   const int64_t L = dims.L, D = dims.D, N = dims.N, N_pad = dims.N_pad;
   const StepLayout lay{D};
@@ -127,7 +127,7 @@ FWP_MULTIVERSION void forward_item(const T* x, const ItemMatrices<T> W_in, T* ou
   T* const a = sc.a;
   join_matrices(W_in, D, N_pad, W);  // the padding columns stay 0
   std::fill(z, z + N_pad, T(0));
-  add_vec_mat(x, W, D, N_pad, z);
+  add_vec_mat<Bytes>(x, W, D, N_pad, z);
   for (int64_t t = 0; t < L; ++t) {
     if (t % dims.chunk == 0) std::copy(W, W + D * N_pad, ckpt + (t / dims.chunk) * D * N_pad);
     T* step = steps + t * lay.size();
@@ -141,13 +141,13 @@ FWP_MULTIVERSION void forward_item(const T* x, const ItemMatrices<T> W_in, T* ou
 
     for (int64_t e = 0; e < D; ++e) a[e] = q[e] - k[e];
     std::fill(r, r + N_pad, T(0));
-    add_vec_mat(a, W, D, N_pad, r);
+    add_vec_mat<Bytes>(a, W, D, N_pad, r);
     std::copy(r, r + N, step + lay.r());
     write_vector(step, lay, u);
 
     // W += outer(k, u) and z = x_{t+1} @ W (the updated W) in one pass.
     const T* x_next = t + 1 < L ? x + (t + 1) * D : nullptr;
-    for_column_blocks<T>(N_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    for_column_blocks<Bytes, T>(N_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
       constexpr int64_t w = decltype(width)::value;
       T acc[w] = {};
       for (int64_t e = 0; e < D; ++e) {
@@ -189,39 +189,27 @@ struct BackwardScratch {
 template <typename T>
 FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
                               BackwardScratch<T>& sc) {
-  const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N, N_pad = dims.N_pad;
+  const int64_t D = dims.D;
   const StepLayout lay{D};
-  T* const W_T_chunk = sc.W_T_chunk;
-  T* const u = sc.u;
-  T* const k_pad = sc.k_pad;
-  const T* W = ckpt + c * D * N_pad;
-  for (int64_t n = 0; n < N; ++n)  // contiguous stores; the strided loads hit the same few lines for a while
-    for (int64_t e = 0; e < D; ++e) W_T_chunk[n * D_pad + e] = W[e * N_pad + n];
-  for (int64_t j = 1; j < len; ++j) {
-    const T* W_T_before = W_T_chunk + (j - 1) * N * D_pad;
-    T* W_T = W_T_chunk + j * N * D_pad;
-    const T* step = steps + (c * dims.chunk + j - 1) * lay.size();
-    write_vector(step, lay, u);
-    std::copy(step + lay.k(), step + lay.k() + D, k_pad);
-    for (int64_t n = 0; n < N; ++n) {  // W_T[n, e] = W_T_before[n, e] + u[n] k[e]: the forward's update, transposed
-      const T u_n = u[n];
-#pragma omp simd
-      for (int64_t e = 0; e < D_pad; ++e) W_T[n * D_pad + e] = W_T_before[n * D_pad + e] + u_n * k_pad[e];
-    }
-  }
+  rebuild_transposed_chunk(ckpt + c * D * dims.N_pad, D, dims.N, dims.N_pad, dims.D_pad, len, sc.W_T_chunk, sc.u,
+                           sc.k_pad, [&](int64_t j, T* u, T* k) FWP_LAMBDA_INLINE {
+                             const T* step = steps + (c * dims.chunk + j) * lay.size();
+                             write_vector(step, lay, u);
+                             std::copy(step + lay.k(), step + lay.k() + D, k);
+                           });
 }
 
 // result = W @ coefficient, W given by its transpose W_T (N, D_pad): the sum of the rows of W_T weighted by
 // coefficient.
-template <typename T>
+template <int Bytes, typename T>
 FWP_INLINE void mat_vec_by_rows(const T* W_T, const T* coefficient, int64_t N, int64_t D_pad, T* result) {
   std::fill(result, result + D_pad, T(0));
-  add_vec_mat(coefficient, W_T, N, D_pad, result);
+  add_vec_mat<Bytes>(coefficient, W_T, N, D_pad, result);
 }
 
 // dx (L, D) and the gradients of the four matrices receive this item's gradients.
-template <typename T>
-FWP_MULTIVERSION void backward_item(const T* grad_out, const T* x, const T* steps, const T* ckpt, T* dx_out,
+template <int Bytes, typename T>
+FWP_INLINE void backward_item(const T* grad_out, const T* x, const T* steps, const T* ckpt, T* dx_out,
                                     const ItemMatrices<T> dW_out, const Dims& dims, BackwardScratch<T>& sc) {
   const int64_t D = dims.D, D_pad = dims.D_pad, N = dims.N, N_pad = dims.N_pad;
   const StepLayout lay{D};
@@ -263,7 +251,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* x, const T* step
       }
       for (int64_t n = 3 * D; n < N; ++n) dr[n] = b[3] * du[n];
       // r = (q - k) @ W: d(q - k) = W @ dr.
-      mat_vec_by_rows(W_T, dr, N, D_pad, da);
+      mat_vec_by_rows<Bytes>(W_T, dr, N, D_pad, da);
       // dz = gradient of z = x_t @ W = [y | zq | zk | zb].
       std::copy(grad_out + t * D, grad_out + (t + 1) * D, dz);
       for (int64_t e = 0; e < D; ++e) {
@@ -273,7 +261,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* x, const T* step
       softmax_backward_inplace(q, dz + D, D);
       softmax_backward_inplace(k, dz + 2 * D, D);
       for (int64_t i = 0; i < 4; ++i) dz[3 * D + i] = d_rate[i] * b[i] * (T(1) - b[i]);
-      mat_vec_by_rows(W_T, dz, N, D_pad, dx);
+      mat_vec_by_rows<Bytes>(W_T, dz, N, D_pad, dx);
       std::copy(dx, dx + D, dx_out + t * D);
 
       // dW (w.r.t. the W step t reads) += outer(q - k, dr) + outer(x_t, dz); in the same pass, du and
@@ -281,7 +269,7 @@ FWP_MULTIVERSION void backward_item(const T* grad_out, const T* x, const T* step
       const T* k_prev = t > 0 ? k - lay.size() : nullptr;
       if (k_prev) write_vector(step - lay.size(), lay, u_prev);
       std::fill(dk_from_dW, dk_from_dW + D, T(0));
-      for_column_blocks<T>(N_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      for_column_blocks<Bytes, T>(N_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
         constexpr int64_t w = decltype(width)::value;
         T du_acc[w] = {};
         for (int64_t e = 0; e < D; ++e) {
@@ -310,32 +298,7 @@ void check_inputs(const std::vector<at::Tensor>& inputs) {
   TORCH_CHECK(L > 0 && D > 0, "self_ref_v0: the sequence length and the head dimension must be positive");
   const std::vector<std::vector<int64_t>> shapes = {{B, H, L, D}, {B, H, D, D}, {B, H, D, D}, {B, H, D, D},
                                                     {B, H, D, 4}};
-  const char* names[] = {"x", "W_y", "W_q", "W_k", "w_b"};
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    TORCH_CHECK(inputs[i].sizes() == at::IntArrayRef(shapes[i]), "self_ref_v0: ", names[i], " has shape ",
-                inputs[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
-    TORCH_CHECK(inputs[i].device().is_cpu() && inputs[i].is_contiguous(), "self_ref_v0: ", names[i],
-                " must be a contiguous CPU tensor");
-    TORCH_CHECK(inputs[i].scalar_type() == x.scalar_type(), "self_ref_v0: ", names[i], " has dtype ",
-                inputs[i].scalar_type(), ", expected ", x.scalar_type());
-  }
-}
-
-// Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch
-// (built from scratch_args). Items are handed out one at a time rather than in equal static shares, so a thread
-// slowed down by other processes on the machine does not leave the others waiting at the end.
-template <typename Scratch, typename ScratchArgs, typename Work>
-void parallel_items(int64_t n, const ScratchArgs& scratch_args, const Work& work) {
-  std::atomic<int64_t> next_item{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    Scratch scratch(scratch_args);
-    for (int64_t i = next_item++; i < n; i = next_item++) work(i, scratch);
-  });
-}
-
-template <typename T>
-T* item_ptr(const at::Tensor& tensor, int64_t item, int64_t item_size) {
-  return tensor.data_ptr<T>() + item * item_size;
+  check_shapes("self_ref_v0", inputs, shapes, {"x", "W_y", "W_q", "W_k", "w_b"});
 }
 
 template <typename T>
@@ -358,9 +321,11 @@ std::vector<at::Tensor> self_ref_v0_forward(const at::Tensor& x, const at::Tenso
     const Dims dims = Dims::of<T>(L, D);
     ckpt = at::empty({B, H, dims.num_chunks, D, dims.N_pad}, x.options());
     parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
-      forward_item<T>(item_ptr<T>(x, i, L * D), item_matrices<T>(W_y, W_q, W_k, w_b, i), item_ptr<T>(out, i, L * D),
+      fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+      forward_item<decltype(width)::value, T>(item_ptr<T>(x, i, L * D), item_matrices<T>(W_y, W_q, W_k, w_b, i), item_ptr<T>(out, i, L * D),
                       item_ptr<T>(steps, i, L * StepLayout{D}.size()),
                       item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), dims, scratch);
+      });
     });
   });
   return {out, /*saved:*/ steps, ckpt};
@@ -381,10 +346,12 @@ std::vector<at::Tensor> self_ref_v0_backward(const at::Tensor& grad_out, const a
     using T = scalar_t;
     const Dims dims = Dims::of<T>(L, D);
     parallel_items<BackwardScratch<T>>(B * H, dims, [&](int64_t i, BackwardScratch<T>& scratch) {
-      backward_item<T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(x, i, L * D),
+      fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
+      backward_item<decltype(width)::value, T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(x, i, L * D),
                        item_ptr<T>(steps, i, L * StepLayout{D}.size()),
                        item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), item_ptr<T>(dx, i, L * D),
                        item_matrices<T>(dW_y, dW_q, dW_k, dw_b, i), dims, scratch);
+      });
     });
   });
   return {dx, dW_y, dW_q, dW_k, dw_b};
@@ -399,6 +366,7 @@ bool self_ref_v0_supports(const at::Tensor& x, const at::Tensor& W_y, const at::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", [] { return std::string(fwp::isa_name(fwp::active_isa())); }, "the instruction set the kernels run");
   m.def("supports", &self_ref_v0_supports, "whether the kernel handles these inputs (float32 and float64 do)");
   m.def("forward", &self_ref_v0_forward, "Self-referential weight matrix, forward (CPU)");
   m.def("backward", &self_ref_v0_backward, "Self-referential weight matrix, backward (CPU)");

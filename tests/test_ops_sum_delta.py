@@ -190,3 +190,60 @@ def test_unsupported_dtype_runs_the_reference_with_a_warning(op):
     with pytest.warns(UserWarning, match="does not handle"):
         out = fused(*inputs)
     assert torch.equal(out, reference(*inputs))
+
+
+# The kernels are compiled once per instruction set (AVX-512, AVX2 + FMA, baseline x86-64) and pick one at load
+# time; FWP_CPU_ISA caps the choice. The tests above run the CPU's best; this one runs the others, in subprocesses
+# (the choice is made once per process), against the reference.
+ISA_CHECK = """
+import sys, torch
+import kernel_loader
+from fast_transformers import fast_weight_sum, fast_weight_sum_reference
+from fast_weight import delta_net_fn, delta_net_reference
+from rec_update_fwm_tanh import rec_delta_fn, rec_delta_reference
+from self_ref_v0 import self_ref_v0, self_ref_v0_reference
+ops = {"sum": (fast_weight_sum, fast_weight_sum_reference, "fast_transformers", "fast_weight_sum", 3),
+       "delta": (delta_net_fn, delta_net_reference, "fast_weight", "delta_net", 4),
+       "rec": (rec_delta_fn, rec_delta_reference, "rec_update_fwm_tanh", "rec_delta", 8),
+       "srwm": (self_ref_v0, self_ref_v0_reference, "self_ref_v0", "self_ref_v0", 5)}
+g = torch.Generator().manual_seed(0)
+def inputs(op, B, H, L, D):
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    if op in ("sum", "delta"):
+        q, k, v, W0 = r(B, H, L, D), torch.softmax(r(B, H, L, D), -1), r(B, H, L, D + 3), r(B, H, D, D + 3)
+        return [q, k, v] + ([torch.rand(B, H, L, 1, generator=g, dtype=torch.float64)] if op == "delta" else []) + [W0]
+    if op == "rec":
+        return [r(B, H, L, D), r(B, H, L, D), r(B, H, L, D), r(B, H, L, 1), r(1, H, D, D) / D, r(1, H, D, D) / D,
+                r(1, H, D, D) / D, r(1, H, 1, D) / D, r(B, H, D, D), r(B, H, 1, D)]
+    return [r(B, H, L, D), r(B, H, D, D) / D, r(B, H, D, D) / D, r(B, H, D, D) / D, r(B, H, D, 4) / D - 1]
+for op, (fused, reference, folder, name, n) in ops.items():
+    ext = kernel_loader.load(folder, name, "cpu")
+    assert ext.isa() == sys.argv[1], (op, ext.isa(), sys.argv[1])
+    for shape in [(2, 2, 37, 5), (1, 2, 40, 19), (1, 1, 9, 40)]:
+        ins = inputs(op, *shape)
+        for t in ins[:n]:
+            t.requires_grad_()
+        results = []
+        for fn in (fused, reference):
+            out = fn(*ins)
+            results.append([out] + list(torch.autograd.grad(out, ins[:n], torch.ones_like(out))))
+        for a, e in zip(*results):
+            assert (a - e).abs().max() <= 1e-9 * max(1.0, e.abs().max()), (op, shape)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set_matches_the_reference(isa):
+    import os
+    import subprocess
+    import sys
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if isa == "avx2" and " avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FWP_CPU_ISA=isa, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    env.pop(kernel_loader.FORCE_REFERENCE_ENV, None)
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,0 +1,174 @@
+"""Training-speed benchmark: milliseconds per training step and seconds per epoch for every model.
+
+    python scripts/bench_train.py [--task parity] [--steps 20] [--models 0 10 1 8 2 7 12]
+
+Every model runs at its scripts/hparams.csv configuration for the task, on CPU, single thread, timed in CPU time
+of the computing thread (other users' load on a shared machine barely moves it). A training step is what
+main.py does per batch: forward, loss, backward, Adam step, zero_grad; it is timed on the same random batches
+(length trimmed to the batch's longest line, as main.py does) for every model and split into its three parts.
+Seconds per epoch: training = the mean step time x batches per epoch; evaluation = one utils.evaluate of valid and
+test (what main.py runs at each report) x the reports per epoch (every --report_every batches and at the epoch's
+end). Each row ends with the step's ratio to the one-layer LSTM's (model 0). The last section lists the most
+expensive ATen operators of one training step and of one evaluation of the first fast-weight model.
+"""
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import kernel_loader  # noqa: E402
+import main as train_main  # noqa: E402
+from model import MODEL_NAMES, build_model  # noqa: E402
+from utils import evaluate, sequence_loss  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import cpu_description  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_BATCH_SIZE = getattr(train_main, "EVAL_BATCH_SIZE", 256)
+DEFAULT_MODELS = [0, 10, 1, 8, 2, 7, 12]
+
+
+def hparams(task, path):
+    """{model_type: flags list for main.py's parser} from hparams.csv rows of `task`."""
+    rows = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row["task"] != task:
+                continue
+            flags = [f"--{key}={row[key]}" for key in ("model_type", "num_layer", "hidden_size", "n_head",
+                                                       "ff_factor", "batch_size", "learning_rate")]
+            if int(row["model_type"]) == 12:
+                flags.append("--remove_pos_enc")
+            rows[int(row["model_type"])] = flags
+    return rows
+
+
+def timed(fn):
+    start = time.thread_time()
+    result = fn()
+    return time.thread_time() - start, result
+
+
+def train_step_parts(model, optimizer, split, indices, pad):
+    """(forward incl. loss, backward, optimizer) CPU seconds of one training step on `indices`."""
+    length = int(split.lengths[indices].max())
+    src, tgt = split.src[indices, :length], split.tgt[indices, :length]
+    t_fwd, loss = timed(lambda: sequence_loss(model(src), tgt, pad))
+    t_bwd, _ = timed(loss.backward)
+
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    t_opt, _ = timed(step)
+    return t_fwd, t_bwd, t_opt
+
+
+def bench_model(model_type, flags, dataset, args, batches):
+    parsed = train_main.build_parser().parse_args(flags)
+    torch.manual_seed(1)
+    model = build_model(parsed, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=parsed.learning_rate, betas=(0.9, 0.995), eps=1e-9)
+    model.train()
+    train = dataset.splits["train"]
+    for indices in batches[:2]:  # warm-up: kernel loading, allocator
+        train_step_parts(model, optimizer, train, indices, dataset.tgt_pad)
+    parts = [train_step_parts(model, optimizer, train, indices, dataset.tgt_pad) for indices in batches[2:]]
+    fwd, bwd, opt = (statistics.mean(p[i] for p in parts) for i in range(3))
+    step = fwd + bwd + opt
+    batches_per_epoch = math.ceil(len(train) / parsed.batch_size)
+    evaluations = (math.ceil(batches_per_epoch / args.report_every) if args.report_every > 0 else 0) + 1
+    t_eval = min(timed(lambda: [evaluate(model, dataset.splits[name], dataset.tgt_pad, EVAL_BATCH_SIZE)
+                                for name in ("valid", "test")])[0] for _ in range(args.eval_repeats))
+    return {"name": MODEL_NAMES[model_type], "type": model_type, "step": step, "fwd": fwd, "bwd": bwd, "opt": opt,
+            "train_epoch": step * batches_per_epoch, "eval": t_eval, "eval_epoch": t_eval * evaluations,
+            "evaluations": evaluations, "batches": batches_per_epoch, "model": model, "optimizer": optimizer}
+
+
+def top_ops(fn, count):
+    """The `count` ATen operators with the largest self CPU time in one call of fn, as table rows."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.2f} | {100 * e.self_cpu_time_total / total:.0f}% |"
+            for e in events[:count]]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="parity")
+    parser.add_argument("--data_dir", default=None, help="default: data/<task>, generated when missing")
+    parser.add_argument("--hparams", default=os.path.join(ROOT, "scripts", "hparams.csv"))
+    parser.add_argument("--models", type=int, nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per model (after 2 warm-up)")
+    parser.add_argument("--eval_repeats", type=int, default=1)
+    parser.add_argument("--report_every", type=int, default=50, help="main.py's --report_every")
+    parser.add_argument("--profile", action="store_true", help="list the costliest operators of a step and an eval")
+    parser.add_argument("--flush_denormal", action="store_true",
+                        help="torch.set_flush_denormal(True): denormal floats become zero (x86 computes them slowly)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+
+    data_dir = args.data_dir or os.path.join(ROOT, "data", args.task)
+    if data.needs_generation(data_dir):
+        data.write_task(args.task, data_dir)
+    dataset = data.load_data(data_dir, device="cpu")
+    configs = hparams(args.task, args.hparams)
+    train = dataset.splits["train"]
+    generator = torch.Generator().manual_seed(0)
+    batch_size = int(next(iter(configs.values()))[5].split("=")[1])
+    batches = torch.randperm(len(train), generator=generator).split(batch_size)[:args.steps + 2]
+
+    isa = "reference (no kernel)"
+    ext = None if kernel_loader.reference_forced() else kernel_loader.load("fast_weight", "delta_net", "cpu")
+    if ext is not None and hasattr(ext, "isa"):
+        isa = ext.isa()
+    print(f"task {args.task}: {len(train)} training lines in {math.ceil(len(train) / batch_size)} batches of "
+          f"{batch_size}, valid {len(dataset.splits['valid'])} + test {len(dataset.splits['test'])} lines per "
+          f"evaluation; 1 thread, CPU time{', denormals flushed' if args.flush_denormal else ''}")
+    print(f"CPU: {cpu_description()}; fused kernels: {isa}; ATen: {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| model | step (ms) | forward | backward | optimizer | x LSTM step | train s/epoch | eval s (valid+test) "
+          "| evals/epoch | eval s/epoch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results, lstm_step = [], None
+    for model_type in args.models:
+        if model_type not in configs:
+            print(f"| {MODEL_NAMES.get(model_type, model_type)} | no hparams.csv row for {args.task} |")
+            continue
+        r = bench_model(model_type, configs[model_type], dataset, args, batches)
+        results.append(r)
+        if model_type == 0:
+            lstm_step = r["step"]
+        ratio = f"{r['step'] / lstm_step:.2f}x" if lstm_step else "n/a"
+        print(f"| {r['name']} ({model_type}) | {r['step'] * 1e3:.1f} | {r['fwd'] * 1e3:.1f} | {r['bwd'] * 1e3:.1f} | "
+              f"{r['opt'] * 1e3:.1f} | {ratio} | {r['train_epoch']:.1f} | {r['eval']:.2f} | {r['evaluations']} | "
+              f"{r['eval_epoch']:.1f} |", flush=True)
+
+    if args.profile:
+        fast = [r for r in results if r["type"] in (2, 7, 8, 12)] or results
+        for r in fast[:2]:
+            model, optimizer = r["model"], r["optimizer"]
+            print(f"\nCostliest operators (self CPU time) of one training step of {r['name']}:\n")
+            print("| operator | calls | ms | share |\n| --- | ---: | ---: | ---: |")
+            print("\n".join(top_ops(lambda: train_step_parts(model, optimizer, train, batches[2], dataset.tgt_pad),
+                                    12)))
+            print(f"\nCostliest operators of one evaluation (valid + test) of {r['name']}:\n")
+            print("| operator | calls | ms | share |\n| --- | ---: | ---: | ---: |")
+            print("\n".join(top_ops(lambda: [evaluate(model, dataset.splits[name], dataset.tgt_pad, EVAL_BATCH_SIZE)
+                                             for name in ("valid", "test")], 12)))
+
+
+if __name__ == "__main__":
+    main()
