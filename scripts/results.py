@@ -1,11 +1,13 @@
 """Collect main.py run directories into the paper's table and a length-generalisation plot.
 
-    python scripts/results.py [--runs results/runs] [--out_dir results]
+    python scripts/results.py [--runs results/runs] [--search results/search] [--out_dir results]
 
 Writes OUT_DIR/table.md (one row per model, one column per task, each cell `Bin0 / Bin1` accuracy of the best
 checkpoint) and OUT_DIR/length_generalization.png (accuracy against string length, one panel per task).
 A run directory is any folder below --runs that holds an args.json. Finished runs (final.json) report their
 best checkpoint; unfinished ones the best evaluation in their metrics.jsonl so far, marked `*`.
+A cell searched by scripts/tune.py (a search.json below --search) shows the seed-1 run of its best configuration
+instead, with how many of its seeds reach 99 % on Bin1, and OUT_DIR/search.md lists every searched cell.
 """
 import argparse
 import json
@@ -102,6 +104,78 @@ def choose(runs):
             for key, group in groups.items()}
 
 
+@dataclass
+class SearchCell:
+    """A cell searched by scripts/tune.py: its search.json and the runs of its best configuration."""
+    summary: dict
+    folder: Path
+    runs: list  # Run of seed 1 (the search trial), then seeds 2 and 3 where they have evaluations
+
+    @property
+    def seeds_solved(self):
+        return sum(run.bin1 >= SOLVED_BIN1 for run in self.runs)
+
+
+SOLVED_BIN1 = 99.0
+SEARCH_FILE = "search.md"
+
+
+def latest_run(trial_folder):
+    dirs = [d for d in trial_folder.iterdir() if (d / "args.json").is_file()] if trial_folder.is_dir() else []
+    return read_run(max(dirs, key=lambda d: (d / "args.json").stat().st_mtime)) if dirs else None
+
+
+def collect_search(root):
+    """{(task, model_type): SearchCell} for every search.json below `root` that has chosen a configuration."""
+    cells = {}
+    for path in sorted(Path(root).rglob("search.json")) if Path(root).is_dir() else []:
+        summary = json.loads(path.read_text())
+        if not summary.get("best"):
+            continue
+        names = [summary["best"]] + [seed["name"] for seed in summary["seeds"]]
+        runs = [run for run in (latest_run(path.parent / name) for name in names) if run is not None]
+        if runs and runs[0].seed == 1:
+            cells[(summary["task"], summary["model_type"])] = SearchCell(summary, path.parent, runs)
+    return cells
+
+
+def evaluation_curve(run_dir):
+    """Mean of Bin0 and Bin1 accuracy at each epoch end, from metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["valid_acc"] + r["valid2_acc"]) / 2 for r in records if r.get("end_of_epoch")]
+
+
+def render_search(cells, table_dir):
+    """search.md: per searched cell, its space, every trial, the chosen configuration, its curve and seeds."""
+    lines = ["# Hyper-parameter search (scripts/tune.py)", "",
+             f"Per cell: every trial (seed 1) with its status and best mean of Bin0 and Bin1; the chosen "
+             f"configuration (highest best mean, then fewest steps), its curve (mean of Bin0 and Bin1 at each "
+             f"epoch end) and its seeds 2 and 3. Solved: Bin1 >= {SOLVED_BIN1:g} %."]
+    for (task, model_type), cell in sorted(cells.items(), key=lambda item: (table_tasks(cells).index(item[0][0]),
+                                                                            MODEL_ORDER.index(item[0][1])
+                                                                            if item[0][1] in MODEL_ORDER else 99)):
+        summary, best_run = cell.summary, cell.runs[0]
+        space = summary["space"]
+        lines += ["", f"## {task} / {MODEL_NAMES[model_type]}", "",
+                  f"Space: learning rate {space['learning_rate']}, layers {space['num_layer']}, "
+                  f"(hidden, heads) {space['hidden_size/n_head']}, batch {space['batch_size']}, "
+                  f"ff_factor {space['ff_factor']}, at most {space['epoch_cap']} epochs; {space['scheduler']}.", "",
+                  "| Trial | Status | Epochs | Best mean (%) |", "| --- | --- | --- | --- |"]
+        for trial in summary["trials"]:
+            score = "-" if trial["best_score"] is None else one_decimal(trial["best_score"])
+            mark = " **chosen**" if trial["name"] == summary["best"] else ""
+            lines.append(f"| {trial['name']}{mark} | {trial['status']} | {trial['epochs']} | {score} |")
+        curve = ", ".join(one_decimal(score) for score in evaluation_curve(best_run.path))
+        seeds = "; ".join(f"seed {run.seed}: {one_decimal(run.bin0)} / {one_decimal(run.bin1)}"
+                          + ("" if run.finished else "*") for run in cell.runs)
+        lines += ["", f"Chosen: `{summary['best']}`, run "
+                      f"`{Path(os.path.relpath(best_run.path.resolve(), Path(table_dir).resolve())).as_posix()}`.",
+                  f"Curve: {curve or '-'}.", f"Seeds (Bin0 / Bin1): {seeds}; "
+                  f"{cell.seeds_solved}/{len(cell.runs)} solve Bin1."]
+    return "\n".join(lines) + "\n"
+
+
 def table_tasks(chosen):
     """The paper's eight tasks, then any other task that has runs."""
     others = sorted({task for task, _ in chosen} - set(TASKS))
@@ -113,20 +187,23 @@ def one_decimal(accuracy):
     return str(Decimal(str(accuracy)).quantize(Decimal("0.1"), rounding=ROUND_DOWN))
 
 
-def cell(entry):
+def cell(entry, searched=None):
     if entry is None:
         return "-"
     run, _ = entry
-    return f"{one_decimal(run.bin0)} / {one_decimal(run.bin1)}" + ("" if run.finished else "*")
+    text = f"{one_decimal(run.bin0)} / {one_decimal(run.bin1)}" + ("" if run.finished else "*")
+    return text if searched is None else f"{text} ({searched.seeds_solved}/{len(searched.runs)})"
 
 
-def render_table(chosen, table_dir):
+def render_table(chosen, table_dir, searched=None):
+    """table.md; `searched` ({(task, model_type): SearchCell}) marks the cells that come from a search."""
+    searched = searched or {}
     tasks = table_tasks(chosen)
     lines = ["# Accuracy (%) of the best checkpoint: Bin0 / Bin1", "",
              "| Model | " + " | ".join(tasks) + " |",
              "| --- |" + " --- |" * len(tasks)]
     for model_type in MODEL_ORDER:
-        cells = [cell(chosen.get((task, model_type))) for task in tasks]
+        cells = [cell(chosen.get((task, model_type)), searched.get((task, model_type))) for task in tasks]
         lines.append(f"| {MODEL_NAMES[model_type]} | " + " | ".join(cells) + " |")
     lines += ["", "- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the "
               "training lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is "
@@ -135,7 +212,10 @@ def render_table(chosen, table_dir):
                for task in tasks for model_type in MODEL_ORDER if (task, model_type) in chosen]
     if any(not run.finished for _, _, run, _ in entries):
         lines.append("- `*`: the run has not finished (no final.json); its best evaluation so far in metrics.jsonl.")
-    if any(count > 1 for *_, count in entries):
+    if searched:
+        lines.append(f"- `(k/n)`: a cell searched by scripts/tune.py shows seed 1 of its best configuration; k of its "
+                     f"n seeds reach {SOLVED_BIN1:g} % on Bin1. Trials, spaces and curves: search.md.")
+    if any(count > 1 and (task, model_type) not in searched for task, model_type, _, count in entries):
         lines.append("- Where a cell has several runs (seeds), it shows the one with the highest mean of Bin0 and "
                      "Bin1 (see the run list).")
     if entries:
@@ -143,6 +223,8 @@ def render_table(chosen, table_dir):
                   "| Task | Model | Seed | Runs | Status | Run directory |", "| --- | --- | --- | --- | --- | --- |"]
     for task, model_type, run, count in entries:
         status = "finished" if run.finished else "unfinished"
+        if (task, model_type) in searched:
+            status += f", searched ({len(searched[(task, model_type)].summary['trials'])} trials)"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {run.seed} | {count} | {status} | "
                      f"{Path(os.path.relpath(run.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
     return "\n".join(lines) + "\n"
@@ -205,6 +287,8 @@ def plot_length_generalization(chosen, path, bucket):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="root of the run directories")
+    parser.add_argument("--search", default=str(REPO_ROOT / "results" / "search"),
+                        help="root of scripts/tune.py's cells (search.json)")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "results"), help="where table.md and the plot go")
     parser.add_argument("--bucket", type=int, default=10, help="width of the length buckets of the plot")
     args = parser.parse_args(argv)
@@ -215,10 +299,15 @@ def main(argv=None):
         print("error: --bucket must be at least 1", file=sys.stderr)
         return 2
     chosen = choose(collect_runs(args.runs))
+    searched = collect_search(args.search)
+    chosen.update({key: (cell.runs[0], 1) for key, cell in searched.items()})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TABLE_FILE).write_text(render_table(chosen, out_dir))
-    print(f"wrote {out_dir / TABLE_FILE} ({len(chosen)} cells)")
+    (out_dir / TABLE_FILE).write_text(render_table(chosen, out_dir, searched))
+    print(f"wrote {out_dir / TABLE_FILE} ({len(chosen)} cells, {len(searched)} searched)")
+    if searched:
+        (out_dir / SEARCH_FILE).write_text(render_search(searched, out_dir))
+        print(f"wrote {out_dir / SEARCH_FILE}")
     no_plot_reason = plot_length_generalization(chosen, out_dir / PLOT_FILE, args.bucket)
     print(f"no plot: {no_plot_reason}" if no_plot_reason else f"wrote {out_dir / PLOT_FILE}")
     return 0

@@ -1,0 +1,352 @@
+"""Search the hyper-parameters of each (task, model) cell with Ray Tune, then train seeds 2 and 3 of the best.
+
+    python scripts/tune.py --tasks parity                      # the seven models of the paper on parity
+    python scripts/tune.py --tasks parity dyck-1 --models 2 7  # some cells
+    python scripts/tune.py --tasks parity --dry_run            # the trials of each cell and what is done
+    python scripts/tune.py --address auto ...                  # an existing Ray cluster (shared file system)
+
+The space of a cell (batch 64, ff_factor 4, dropout 0, report_every 50, seed 1, the flags of scripts/train.sh):
+learning rate {3e-4, 1e-3, 3e-3} x layers {1, 2} x (hidden, heads) in {(64, 4), (128, 4), (128, 8)}, i.e. heads of
+16 or 32 dimensions; the LSTM and e-LSTM have no heads, so hidden {64, 128}, and the e-LSTM (always one layer)
+skips the layers. Every trial is an ordinary main.py run; it reports the best mean of valid and valid2 accuracy
+so far at each of main.py's evaluations, and ASHA stops the weaker trials of a cell at 4 and 12 epochs (keeping a
+third); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
+best trial's configuration train to the end, without early stopping (the paper reports seed 1; the two others
+show how robust the configuration is).
+
+Layout: `<work_dir>/<task>/<model-slug>/<trial>/` per trial (trial `lr1e-3-l2-h64-n4-seed1`) with main.py's run
+directory and `run.log`; `<work_dir>/<task>/<model-slug>/search.json` sums the cell up (space, every trial's
+status and best score, the chosen configuration, the seeds). Relaunching the same command runs nothing that has
+finished: finished trials replay their metrics.jsonl to the scheduler, interrupted or early-stopped ones resume
+from their latest_model.pt when the scheduler lets them go on.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sweep import (REPO_ROOT, RUN_LOG, TRAIN_SCRIPT, SweepError, import_ray, prepare_data, run_dirs,  # noqa: E402
+                   thread_env)
+from data import TASKS  # noqa: E402
+from model import MODEL_NAMES, MODEL_SLUGS, RNN_TYPES  # noqa: E402
+
+PAPER_MODELS = (0, 10, 1, 8, 2, 7, 12)
+LEARNING_RATES = ("3e-4", "1e-3", "3e-3")
+LAYERS = (1, 2)
+ATTENTION_WIDTHS = ((64, 4), (128, 4), (128, 8))  # (hidden size, heads)
+RNN_WIDTHS = ((64, 1), (128, 1))
+E_LSTM = 10
+BATCH_SIZE, FF_FACTOR = 64, 4
+SEARCH_SEED, ROBUSTNESS_SEEDS = 1, (2, 3)
+ASHA_GRACE_EPOCHS, ASHA_REDUCTION = 4, 3
+SUMMARY_FILE = "search.json"
+
+
+def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
+    """The trials of one cell: dicts of learning_rate, num_layer, hidden_size, n_head."""
+    if widths is None:
+        widths = RNN_WIDTHS if model_type in RNN_TYPES else ATTENTION_WIDTHS
+    if model_type == E_LSTM:
+        layers = (1,)  # the e-LSTM has one layer whatever --num_layer says
+    return [{"learning_rate": lr, "num_layer": n, "hidden_size": h, "n_head": heads}
+            for lr in learning_rates for n in layers for h, heads in widths]
+
+
+def unique(values):
+    """The distinct values in order of first appearance."""
+    distinct = []
+    for value in values:
+        if value not in distinct:
+            distinct.append(value)
+    return distinct
+
+
+def trial_name(hparams, seed):
+    return (f"lr{hparams['learning_rate']}-l{hparams['num_layer']}-h{hparams['hidden_size']}-n{hparams['n_head']}"
+            f"-seed{seed}")
+
+
+def cell_folder(work_dir, task, model_type):
+    return Path(work_dir) / task / MODEL_SLUGS[model_type]
+
+
+def train_command(task, model_type, hparams, seed, epoch_cap, data_root, folder):
+    return ["bash", str(TRAIN_SCRIPT), task, str(model_type), str(hparams["num_layer"]), str(hparams["hidden_size"]),
+            str(hparams["n_head"]), str(FF_FACTOR), str(BATCH_SIZE), hparams["learning_rate"],
+            "--num_epoch", str(epoch_cap), "--seed", str(seed), "--data_dir", str(Path(data_root) / task),
+            "--work_dir", str(folder)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial, as Ray Tune runs it. Only the standard library and Ray inside: Ray ships this function by value to
+# workers that cannot import this script.
+
+
+def run_trial(tune_config):
+    """Report what main.py has already logged in the trial folder, then start or resume it and report each new
+    evaluation as it appears in metrics.jsonl. A finished trial only replays its metrics."""
+    import ctypes
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from ray import tune
+
+    config = tune_config["trial"]
+    folder = Path(config["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"reported": 0, "best": 0.0}
+
+    def latest_run_dir():
+        dirs = [d for d in folder.iterdir() if (d / "args.json").is_file()]
+        return max(dirs, key=lambda d: (d / "args.json").stat().st_mtime) if dirs else None
+
+    def report_new_evaluations(run_dir):
+        path = run_dir / "metrics.jsonl" if run_dir else None
+        if path is None or not path.is_file():
+            return
+        for line in path.read_text().splitlines()[state["reported"]:]:
+            try:
+                record = json.loads(line)
+            except ValueError:  # being written
+                return
+            state["reported"] += 1
+            score = (record["valid_acc"] + record["valid2_acc"]) / 2
+            state["best"] = max(state["best"], score)
+            tune.report({"best_score": state["best"], "score": score, "valid_acc": record["valid_acc"],
+                         "valid2_acc": record["valid2_acc"], "step": record["step"],
+                         "epochs": record["step"] / config["batches_per_epoch"]})
+
+    run_dir = latest_run_dir()
+    if run_dir is not None and not (run_dir / "latest_model.pt").is_file() and not (run_dir / "final.json").is_file():
+        shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to resume
+        run_dir = None
+    report_new_evaluations(run_dir)
+    if run_dir is not None and (run_dir / "final.json").is_file():
+        return
+    command = config["command"] if run_dir is None else ["bash", config["train_script"], "--resume", str(run_dir)]
+
+    def stop_with_parent():  # if Ray kills this worker, main.py gets SIGTERM and checkpoints
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+    with open(folder / config["run_log"], "a") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=config["repo_root"], env=dict(os.environ, **config["env"]), stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=stop_with_parent)
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            report_new_evaluations(latest_run_dir())
+        report_new_evaluations(latest_run_dir())
+    finally:  # the scheduler stopped the trial: main.py checkpoints the batch it is on and exits
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A cell: the search, the choice, the seeds, the summary
+
+
+def trial_status(folder):
+    """(status, best score, best step, epochs trained) of a trial folder, from main.py's files."""
+    dirs = run_dirs(folder)
+    if not dirs:
+        return "not started", None, None, 0.0
+    run_dir = dirs[-1]
+    records = []
+    if (run_dir / "metrics.jsonl").is_file():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not records:
+        return "started", None, None, 0.0
+    best = max(records, key=lambda r: (r["valid_acc"] + r["valid2_acc"], -r["step"]))
+    epochs = records[-1]["epoch"] - (0 if records[-1]["end_of_epoch"] else 1)
+    status = "finished" if (run_dir / "final.json").is_file() else "stopped early"
+    return status, (best["valid_acc"] + best["valid2_acc"]) / 2, best["step"], epochs
+
+
+def choose_best(trials):
+    """The trial with the highest best score; among equals the one that got there in fewest steps."""
+    scored = [t for t in trials if t["best_score"] is not None]
+    return max(scored, key=lambda t: (t["best_score"], -t["best_step"])) if scored else None
+
+
+def short_trial_name(trial):
+    return Path(trial.config["trial"]["folder"]).name
+
+
+def run_tuner(tune, trials, resources, name, storage, scheduler):
+    """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed."""
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
+    tuner = tune.Tuner(tune.with_resources(run_trial, resources),
+                       param_space={"trial": tune.grid_search(trials)},
+                       tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False,
+                                                   trial_name_creator=short_trial_name,
+                                                   trial_dirname_creator=short_trial_name),
+                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    for result in tuner.fit():
+        if result.error:
+            first_line = str(result.error).strip().splitlines()[0]
+            print(f"warning: trial {Path(result.config['trial']['folder']).name} failed in Ray: {first_line}",
+                  flush=True)
+
+
+class Cell:
+    def __init__(self, args, task, model_type, batches_per_epoch):
+        self.args, self.task, self.model_type = args, task, model_type
+        self.folder = cell_folder(args.work_dir, task, model_type)
+        self.space = search_space(model_type, args.learning_rates, args.layers, args.widths)
+        self.batches_per_epoch = batches_per_epoch
+
+    @property
+    def label(self):
+        return f"{self.task} {MODEL_NAMES[self.model_type]}"
+
+    def trial(self, hparams, seed):
+        folder = self.folder / trial_name(hparams, seed)
+        return {"folder": str(folder), "batches_per_epoch": self.batches_per_epoch, "run_log": RUN_LOG,
+                "train_script": str(TRAIN_SCRIPT), "repo_root": str(REPO_ROOT),
+                "env": thread_env(self.args.cpus_per_run),
+                "command": train_command(self.task, self.model_type, hparams, seed, self.args.epoch_cap,
+                                         self.args.data_root, folder)}
+
+    def summary(self):
+        trials = []
+        for hparams in self.space:
+            status, best, step, epochs = trial_status(self.folder / trial_name(hparams, SEARCH_SEED))
+            trials.append({"name": trial_name(hparams, SEARCH_SEED), "hparams": hparams, "status": status,
+                           "best_score": best, "best_step": step, "epochs": epochs})
+        best = choose_best(trials)
+        seeds = []
+        if best is not None:
+            for seed in ROBUSTNESS_SEEDS:
+                status, score, step, epochs = trial_status(self.folder / trial_name(best["hparams"], seed))
+                seeds.append({"seed": seed, "name": trial_name(best["hparams"], seed), "status": status,
+                              "best_score": score, "epochs": epochs})
+        return {"task": self.task, "model_type": self.model_type, "model": MODEL_NAMES[self.model_type],
+                "space": {"learning_rate": unique(h["learning_rate"] for h in self.space),
+                          "num_layer": unique(h["num_layer"] for h in self.space),
+                          "hidden_size/n_head": unique([h["hidden_size"], h["n_head"]] for h in self.space),
+                          "batch_size": BATCH_SIZE, "ff_factor": FF_FACTOR, "epoch_cap": self.args.epoch_cap,
+                          "scheduler": f"ASHA on best mean(valid, valid2) per epoch, grace {ASHA_GRACE_EPOCHS} "
+                                       f"epochs, reduction factor {ASHA_REDUCTION}"},
+                "trials": trials, "best": best and best["name"], "seeds": seeds}
+
+    def write_summary(self):
+        summary = self.summary()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(self.folder / SUMMARY_FILE)
+        return summary
+
+    def run(self, tune):
+        from ray.tune.schedulers import ASHAScheduler
+
+        resources = {"cpu": self.args.cpus_per_run}
+        storage = Path(self.args.work_dir) / ".ray_tune"
+        name = f"{self.task}-{MODEL_SLUGS[self.model_type]}"
+        asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap,
+                             grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
+        run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha)
+        best = self.write_summary()["best"]
+        if best is None:
+            return self.write_summary()
+        hparams = next(h for h in self.space if trial_name(h, SEARCH_SEED) == best)
+        run_tuner(tune, [self.trial(hparams, seed) for seed in ROBUSTNESS_SEEDS], resources, f"{name}-seeds",
+                  storage, None)
+        return self.write_summary()
+
+
+def describe(summary):
+    done = sum(t["status"] in ("finished", "stopped early") for t in summary["trials"])
+    line = f"{summary['task']} {summary['model']}: {done}/{len(summary['trials'])} trials done"
+    if summary["best"]:
+        best = next(t for t in summary["trials"] if t["name"] == summary["best"])
+        seeds = ", ".join(f"seed {s['seed']} {s['status']}"
+                          + (f" {s['best_score']:.1f}" if s["best_score"] is not None else "")
+                          for s in summary["seeds"])
+        line += f"; best {best['name']} ({best['best_score']:.1f} %); {seeds}"
+    return line
+
+
+def count_lines(path):
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
+                        help="tasks to search (default: all eight)")
+    parser.add_argument("--models", nargs="+", type=int, default=list(PAPER_MODELS), choices=sorted(MODEL_NAMES),
+                        metavar="ID", help="model type IDs (default: the paper's seven)")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "results" / "search"), help="root of the cells")
+    parser.add_argument("--data_root", default=str(REPO_ROOT / "data"), help="datasets in DATA_ROOT/<task>")
+    parser.add_argument("--epoch_cap", type=int, default=40, help="most epochs a trial trains (default 40)")
+    parser.add_argument("--learning_rates", nargs="+", default=list(LEARNING_RATES), help="learning rates to try")
+    parser.add_argument("--layers", nargs="+", type=int, default=list(LAYERS), help="layer counts to try")
+    parser.add_argument("--widths", nargs="+", default=None, metavar="HIDDENxHEADS",
+                        help="hidden sizes and heads to try, e.g. 64x4 128x8 (default: see above)")
+    parser.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
+    parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per trial")
+    parser.add_argument("--dry_run", action="store_true", help="list the cells and their trials; run nothing")
+    args = parser.parse_args(argv)
+    if args.widths is not None:
+        try:
+            args.widths = tuple(tuple(int(x) for x in w.lower().split("x")) for w in args.widths)
+            assert all(len(w) == 2 and w[0] >= 1 and w[1] >= 1 and w[0] % w[1] == 0 for w in args.widths)
+        except (ValueError, AssertionError):
+            parser.error("--widths takes HIDDENxHEADS pairs with HIDDEN divisible by HEADS, e.g. 64x4")
+    if args.epoch_cap < 1 or args.cpus_per_run < 1:
+        parser.error("--epoch_cap and --cpus_per_run must be at least 1")
+    args.work_dir, args.data_root = Path(args.work_dir).resolve(), Path(args.data_root).resolve()
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        for task in args.tasks:
+            for model_type in args.models:
+                cell = Cell(args, task, model_type, batches_per_epoch=1)
+                print(describe(cell.summary()))
+                for hparams in cell.space:
+                    print(f"    {trial_name(hparams, SEARCH_SEED)}: "
+                          f"{trial_status(cell.folder / trial_name(hparams, SEARCH_SEED))[0]}")
+        return 0
+    try:
+        ray = import_ray()
+        from ray import tune
+    except (SweepError, ImportError) as exc:
+        print(f"error: {exc} (pip install -r requirements-sweep.txt)", file=sys.stderr)
+        return 2
+    prepare_data(args.tasks, args.data_root, bins=3)
+    own_instance = not ray.is_initialized()
+    if own_instance:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    try:
+        for task in args.tasks:
+            batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
+            for model_type in args.models:
+                started = time.time()
+                summary = Cell(args, task, model_type, batches).run(tune)
+                print(f"{describe(summary)} [{(time.time() - started) / 60:.1f} min]", flush=True)
+    finally:
+        if own_instance:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""scripts/tune.py: the search space, a real (tiny) search through Ray Tune with its seeds and summary, a relaunch
+that reruns nothing, the trial's replay and resume, and results.py's view of the search."""
+import io
+import json
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import results  # noqa: E402
+import tune  # noqa: E402
+from test_sweep import write_tiny_parity  # noqa: E402
+
+TINY_SPACE = ["--learning_rates", "1e-3", "3e-3", "--layers", "1", "--widths", "8x1", "--epoch_cap", "2"]
+
+
+def test_search_space_of_the_issue():
+    for model_type in (1, 8, 2, 7, 12):
+        space = tune.search_space(model_type)
+        assert len(space) == 18
+        assert {h["learning_rate"] for h in space} == {"3e-4", "1e-3", "3e-3"}
+        assert {h["num_layer"] for h in space} == {1, 2}
+        assert all(h["hidden_size"] // h["n_head"] >= 16 for h in space)
+    assert len(tune.search_space(0)) == 12
+    assert {h["num_layer"] for h in tune.search_space(10)} == {1} and len(tune.search_space(10)) == 6
+    names = [tune.trial_name(h, 1) for h in tune.search_space(2)]
+    assert len(set(names)) == len(names) and "lr1e-3-l2-h128-n8-seed1" in names
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    """One LSTM cell searched over two learning rates for two epochs, on a local Ray instance."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.tune")
+    root = tmp_path_factory.mktemp("tune")
+    write_tiny_parity(root / "data" / "parity")
+    argv = ["--tasks", "parity", "--models", "0", "--work_dir", str(root / "search"), "--data_root",
+            str(root / "data"), *TINY_SPACE]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = tune.main(argv)
+    yield root, argv, code, out.getvalue(), ray
+    ray.shutdown()
+
+
+def test_search_runs_every_trial_then_the_seeds_of_the_best(tiny_search):
+    root, _, code, out, _ = tiny_search
+    assert code == 0, out
+    cell = root / "search" / "parity" / "lstm"
+    summary = json.loads((cell / tune.SUMMARY_FILE).read_text())
+    assert [t["name"] for t in summary["trials"]] == ["lr1e-3-l1-h8-n1-seed1", "lr3e-3-l1-h8-n1-seed1"]
+    assert all(t["status"] == "finished" and t["epochs"] == 2 for t in summary["trials"])
+    best = max(summary["trials"], key=lambda t: (t["best_score"], -t["best_step"]))
+    assert summary["best"] == best["name"]
+    assert [s["seed"] for s in summary["seeds"]] == [2, 3] and all(s["status"] == "finished"
+                                                                   for s in summary["seeds"])
+    for name in [t["name"] for t in summary["trials"]] + [s["name"] for s in summary["seeds"]]:
+        [run_dir] = [d for d in (cell / name).iterdir() if (d / "args.json").is_file()]
+        args = json.loads((run_dir / "args.json").read_text())
+        assert (args["num_epoch"], args["batch_size"], args["hidden_size"]) == (2, 64, 8)
+        assert args["seed"] == int(name.rsplit("seed", 1)[1])
+        assert (run_dir / "final.json").is_file()
+    assert f"parity LSTM: 2/2 trials done; best {summary['best']}" in out
+
+
+def test_relaunch_reruns_nothing_that_finished(tiny_search):
+    root, argv, _, _, _ = tiny_search
+    cell = root / "search" / "parity" / "lstm"
+    stamps = {p: p.stat().st_mtime_ns for p in cell.rglob("final.json")}
+    logs = {p: p.read_text() for p in cell.rglob(tune.RUN_LOG)}
+    with redirect_stdout(io.StringIO()):
+        assert tune.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in cell.rglob("final.json")} == stamps and len(stamps) == 4
+    assert {p: p.read_text() for p in cell.rglob(tune.RUN_LOG)} == logs  # no main.py was started
+
+
+def test_results_show_the_searched_cell(tiny_search, tmp_path):
+    root, _, _, _, _ = tiny_search
+    (tmp_path / "runs").mkdir()
+    with redirect_stdout(io.StringIO()):
+        assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"),
+                             "--out_dir", str(tmp_path)]) == 0
+    summary = json.loads((root / "search" / "parity" / "lstm" / tune.SUMMARY_FILE).read_text())
+    runs = [results.latest_run(root / "search" / "parity" / "lstm" / name)
+            for name in [summary["best"]] + [s["name"] for s in summary["seeds"]]]
+    solved = sum(run.bin1 >= 99 for run in runs)
+    lstm_row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| LSTM"))
+    assert lstm_row.split(" | ")[1] == (f"{results.one_decimal(runs[0].bin0)} / {results.one_decimal(runs[0].bin1)}"
+                                        f" ({solved}/3)")
+    search_md = (tmp_path / "search.md").read_text()
+    assert "## parity / LSTM" in search_md and f"{summary['best']} **chosen**" in search_md
+    assert all(t["name"] in search_md for t in summary["trials"])
+
+
+# -- the trial function alone ------------------------------------------------------------------------------------
+
+def fake_trial(folder, command):
+    return {"trial": {"folder": str(folder), "batches_per_epoch": 6, "run_log": "run.log",
+                      "train_script": str(tune.TRAIN_SCRIPT), "repo_root": str(REPO_ROOT), "env": {},
+                      "command": command}}
+
+
+def write_run_dir(folder, records, finished, checkpoint=True):
+    run_dir = folder / "lstm-parity-20260101-000000-abcdef01"
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        (run_dir / "final.json").write_text("{}")
+    if checkpoint:
+        (run_dir / "latest_model.pt").write_text("")
+    return run_dir
+
+
+RECORDS = [{"step": 1, "valid_acc": 50.0, "valid2_acc": 0.0}, {"step": 6, "valid_acc": 100.0, "valid2_acc": 20.0},
+           {"step": 7, "valid_acc": 90.0, "valid2_acc": 10.0}]
+
+
+@pytest.fixture
+def reports(monkeypatch):
+    ray_tune = pytest.importorskip("ray.tune")
+    reported = []
+    monkeypatch.setattr(ray_tune, "report", lambda metrics: reported.append(metrics))
+    return reported
+
+
+def test_a_finished_trial_replays_its_metrics_and_starts_nothing(tmp_path, reports):
+    write_run_dir(tmp_path, RECORDS, finished=True)
+    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    assert [r["best_score"] for r in reports] == [25.0, 60.0, 60.0]
+    assert [r["epochs"] for r in reports] == [1 / 6, 1.0, 7 / 6]
+    assert not (tmp_path / "run.log").exists()
+
+
+def test_an_interrupted_trial_replays_then_resumes(tmp_path, reports):
+    run_dir = write_run_dir(tmp_path, RECORDS[:2], finished=False)
+    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    assert len(reports) == 2
+    assert f"--resume {run_dir}" in (tmp_path / "run.log").read_text()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, reports):
+    run_dir = write_run_dir(tmp_path, [], finished=False, checkpoint=False)
+    tune.run_trial(fake_trial(tmp_path, ["echo", "started afresh"]))
+    assert not run_dir.exists()
+    assert "started afresh" in (tmp_path / "run.log").read_text()
