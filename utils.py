@@ -36,7 +36,7 @@ def length_sorted_batches(lengths, batch_size):
     return order.split(batch_size)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, split, pad, batch_size):
     """Loss, sequence-level accuracy and per-length counts of `model` on a data.Split."""
     skip_loader_seed_draw()
