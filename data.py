@@ -7,6 +7,7 @@ as `bin{k}_50.*`. Every draw comes from one private `random.Random(seed)` per ta
 bytes on every machine.
 
     python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]
+    python data.py --task parity --out_dir DIR --train_lengths 3 40 --test_lengths 40 256   # other windows
     python data.py --check DIR
 
 Exit status 0, or 2 with one line on stderr for a usage error or a data error (as main.py).
@@ -269,35 +270,55 @@ _TASKS = {
 assert tuple(_TASKS) == TASKS
 
 
-def _bin_words(task, rng, bin_index):
-    lower, upper = task.window(bin_index)
+def _bin_words(task, rng, bin_index, window=None):
+    lower, upper = window or task.window(bin_index)
     words = task.sample(rng, BIN_SIZE, lower, upper)
     return _deduplicated(words) if task.mode == "replacement" else words
 
 
-def _split_words(task, rng, bins):
+def _split_words(task, rng, bins, train_window=None, test_window=None):
     """Words per split, drawn in a fixed order (train, valid, test, bin2, ...) so --bins leaves the first three
-    splits unchanged."""
-    lower, upper = task.window(0)
+    splits unchanged. train_window / test_window replace Bin0's (train and valid) and Bin1's (test) windows."""
+    lower, upper = train_window or task.window(0)
     if task.mode == "joint":
         corpus = task.sample(rng, TRAIN_SIZE + BIN_SIZE, lower, upper)
         splits = {"train": corpus[:TRAIN_SIZE], "valid": corpus[TRAIN_SIZE:]}
     else:
-        splits = {"train": task.sample(rng, TRAIN_SIZE, lower, upper), "valid": _bin_words(task, rng, 0)}
-    splits["test"] = _bin_words(task, rng, 1)
+        splits = {"train": task.sample(rng, TRAIN_SIZE, lower, upper),
+                  "valid": _bin_words(task, rng, 0, train_window)}
+    splits["test"] = _bin_words(task, rng, 1, test_window)
     for bin_index in range(2, bins + 1):
         splits[f"bin{bin_index}"] = _bin_words(task, rng, bin_index)
     return splits
 
 
-def generate_task(task, seed=1, bins=1):
-    """{split: (src_lines, tgt_lines)} for train, valid, test and bin2..bin{bins}; lines are space-joined tokens."""
+def window_error(train_lengths=None, test_lengths=None, bins=1):
+    """Why these length windows cannot be used (one line), or None. A window is (lower, upper), 1 <= lower <= upper;
+    it replaces Bin0's (train and valid) or Bin1's (test) window and means what the task's bins mean (the string
+    length for parity; n for the counters; the grammar bound for the bracket languages)."""
+    for flag, window in (("--train_lengths", train_lengths), ("--test_lengths", test_lengths)):
+        if window is not None and not (len(window) == 2 and 1 <= window[0] <= window[1]):
+            return f"{flag} needs two lengths LOWER UPPER with 1 <= LOWER <= UPPER, got {list(window)}"
+    if bins > 1 and (train_lengths or test_lengths):
+        return "--bins > 1 cannot be combined with --train_lengths/--test_lengths (bin windows would overlap)"
+    return None
+
+
+def generate_task(task, seed=1, bins=1, train_lengths=None, test_lengths=None):
+    """{split: (src_lines, tgt_lines)} for train, valid, test and bin2..bin{bins}; lines are space-joined tokens.
+
+    train_lengths / test_lengths, (lower, upper) or None, replace the default windows (see window_error); with
+    neither, the files are those of the paper's setting, byte for byte."""
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
+    error = window_error(train_lengths, test_lengths, bins)
+    if error:
+        raise ValueError(error)
     spec = _TASKS[task]
-    splits = _split_words(spec, Random(seed), bins)
+    splits = _split_words(spec, Random(seed), bins, train_lengths and tuple(train_lengths),
+                          test_lengths and tuple(test_lengths))
     return {name: ([" ".join(word) for word in words], [" ".join(spec.targets(word)) for word in words])
             for name, words in splits.items()}
 
@@ -311,7 +332,7 @@ def needs_generation(path):
     return path.is_dir() and not any(path.iterdir())
 
 
-def write_task(task, out_dir, seed=1, bins=1):
+def write_task(task, out_dir, seed=1, bins=1, train_lengths=None, test_lengths=None):
     """Write out_dir/{train,valid,test}_50.{src,tgt} (and bin{k}_50.*), each line ending in a newline.
 
     The files are written into a hidden sibling folder first, which then replaces a missing or empty out_dir in one
@@ -320,7 +341,7 @@ def write_task(task, out_dir, seed=1, bins=1):
     written (read-only, under a file, disk full).
     """
     out_dir = Path(out_dir)
-    splits = generate_task(task, seed, bins)
+    splits = generate_task(task, seed, bins, train_lengths, test_lengths)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -507,8 +528,14 @@ def _parse_args(argv):
     parser.add_argument("--seed", type=int, help="random seed (default 1)")
     parser.add_argument("--bins", type=int,
                         help="number of longer bins (default 1): 1 writes valid/test, K > 1 adds bin2..binK")
+    parser.add_argument("--train_lengths", type=int, nargs=2, metavar=("LOWER", "UPPER"),
+                        help="window of train and valid (Bin0) instead of the paper's, e.g. 3 40 (Grazzi et al.'s "
+                             "parity split); for parity the string length, otherwise what the task's bins bound")
+    parser.add_argument("--test_lengths", type=int, nargs=2, metavar=("LOWER", "UPPER"),
+                        help="window of test (Bin1) instead of the paper's, e.g. 40 256; not with --bins > 1")
     args = parser.parse_args(argv)
-    if args.check and (args.out_dir or args.seed is not None or args.bins is not None):
+    if args.check and (args.out_dir or args.seed is not None or args.bins is not None or args.train_lengths
+                       or args.test_lengths):
         parser.error("--check takes no other option")
     if args.task and not args.out_dir:
         parser.error("--task needs --out_dir")
@@ -516,6 +543,9 @@ def _parse_args(argv):
     args.bins = 1 if args.bins is None else args.bins
     if args.bins < 1:
         parser.error(f"--bins must be at least 1, got {args.bins}")
+    error = window_error(args.train_lengths, args.test_lengths, args.bins)
+    if error:
+        parser.error(error)
     return args
 
 
@@ -528,7 +558,7 @@ def main(argv=None):
         tasks = TASKS if args.task == "all" else (args.task,)
         for task in tasks:
             out_dir = Path(args.out_dir) / task if args.task == "all" else Path(args.out_dir)
-            write_task(task, out_dir, args.seed, args.bins)
+            write_task(task, out_dir, args.seed, args.bins, args.train_lengths, args.test_lengths)
             print(f"{task}: wrote {out_dir}")
     except (DataError, OSError) as error:   # exit status 2, as main.py's for unusable input
         print(f"data.py: error: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The seven sequence models of the paper, selected by `--model_type`.
+"""The seven sequence models of the paper, selected by `--model_type`, and three DeltaNet variants beyond it
+(20-22: negative eigenvalues after Grazzi et al., ICLR 2025, and the two halves of that change).
 
 Every model maps a (B, L) LongTensor of token ids to (B, L, out_vocab) logits and is causal: the logits at
 position t depend on tokens 0..t only. The layers work batch-first, (B, L, hidden); the fast-weight operators
@@ -16,11 +17,13 @@ from rec_update_fwm_tanh import rec_delta_fn
 from self_ref_v0 import self_ref_v0
 
 MODEL_NAMES = {0: "LSTM", 1: "Transformer", 2: "DeltaNet", 7: "Recurrent Delta", 8: "Linear Transformer",
-               10: "e-LSTM", 12: "SRWM"}
+               10: "e-LSTM", 12: "SRWM",
+               # beyond the paper: Grazzi et al. (2025)'s DeltaNet [-1, 1] and its two ingredients alone
+               20: "DeltaNet [-1,1]", 21: "DeltaNet L2", 22: "DeltaNet beta(0,2)"}
 
 # Directory-name form of each model (the run directory is `<slug>-<task>-<time>-<hash>`).
 MODEL_SLUGS = {0: "lstm", 1: "transformer", 2: "deltanet", 7: "recurrent-delta", 8: "linear-transformer",
-               10: "e-lstm", 12: "srwm"}
+               10: "e-lstm", 12: "srwm", 20: "deltanet-neg", 21: "deltanet-l2", 22: "deltanet-beta2"}
 
 RNN_TYPES = (0, 10)
 SRWM_MIN_HEAD_DIM = 4  # the SRWM emits 4 learning rates per step from a d-dimensional input: d >= 4
@@ -170,7 +173,7 @@ class TransformerModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fast-weight models (2, 7, 8, 12): embedding -> num_layers x [fast-weight block, feed-forward block] -> output
+# Fast-weight models (2, 7, 8, 12; 20-22): embedding -> num_layers x [fast-weight block, feed-forward block] -> output
 
 
 class FeedForwardBlock(nn.Module):
@@ -239,6 +242,40 @@ class DeltaNetBlock(ProjectedFastWeightBlock):
         return delta_net_fn(q, k, v, torch.sigmoid(beta), self.zero_fast_weights(q))
 
 
+class DeltaNetVariantBlock(DeltaNetBlock):
+    """DeltaNet with two switches (models 20-22; beyond the paper, see Grazzi et al., ICLR 2025):
+    `l2_keys`: q and k L2-normalised per head (F.normalize, default eps 1e-12) instead of elu+1 and sum
+    normalisation, so that |k| = 1; `beta_scale`: beta = beta_scale * sigmoid(.), i.e. in (0, 2) for 2.
+    The state transition W_t = (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T then has the eigenvalue
+    1 - beta_t |k_t|^2 along k_t, in (-1, 1) when both switches are on (model 20). Same projection, parameters
+    and initialisation as DeltaNet (2), so a seed gives the same initial weights."""
+
+    l2_keys = True
+    beta_scale = 2.0
+
+    def fast_weight(self, q, k, v, beta):
+        if self.l2_keys:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        else:
+            q, k = sum_normalised(elu_plus_one(q)), sum_normalised(elu_plus_one(k))
+        return delta_net_fn(q, k, v, self.beta_scale * torch.sigmoid(beta), self.zero_fast_weights(q))
+
+
+class NegativeEigenvalueDeltaNetBlock(DeltaNetVariantBlock):
+    """Model 20, DeltaNet [-1, 1]: L2-normalised q, k and beta in (0, 2)."""
+
+
+class L2DeltaNetBlock(DeltaNetVariantBlock):
+    """Model 21 (ablation): L2-normalised q, k, beta in (0, 1) as in DeltaNet: eigenvalues in (0, 1)."""
+    beta_scale = 1.0
+
+
+class WideBetaDeltaNetBlock(DeltaNetVariantBlock):
+    """Model 22 (ablation): DeltaNet's elu+1, sum-normalised q, k with beta in (0, 2). |k|^2 <= 1 (equality only
+    for a one-hot k), so the eigenvalue 1 - beta |k|^2 is negative only for keys concentrated on few entries."""
+    l2_keys = False
+
+
 class RecurrentDeltaBlock(ProjectedFastWeightBlock):
     """Recurrent Delta: raw q, k, v, beta go to the operator, which adds the recurrent terms R_* tanh(out_{t-1})
     and applies softmax/sigmoid itself."""
@@ -290,7 +327,8 @@ class SRWMBlock(nn.Module):
         return self.layer_norm(x) + self.dropout(self.out_proj(merge_heads(out)))
 
 
-FAST_WEIGHT_BLOCKS = {2: DeltaNetBlock, 7: RecurrentDeltaBlock, 8: LinearAttentionBlock, 12: SRWMBlock}
+FAST_WEIGHT_BLOCKS = {2: DeltaNetBlock, 7: RecurrentDeltaBlock, 8: LinearAttentionBlock, 12: SRWMBlock,
+                      20: NegativeEigenvalueDeltaNetBlock, 21: L2DeltaNetBlock, 22: WideBetaDeltaNetBlock}
 
 
 class FastWeightModel(nn.Module):

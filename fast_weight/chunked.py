@@ -8,8 +8,12 @@ Only S is carried sequentially from chunk to chunk.
 
 On CPU at this project's shapes (L ~ 100, D <= 64) the fused sequential kernel is several times faster (see
 scripts/bench_ops.py --chunked), so this form is not the default path; it is kept, tested against the reference.
-The triangular solve is well conditioned when beta * |k|^2 stays below about 1 (DeltaNet normalises k by its
-sum and squashes beta with a sigmoid); with unnormalised keys the float32 result can lose accuracy.
+The triangular solve is well conditioned while beta * |k|^2 stays in [0, 2]: every step's transition
+I - beta k k^T then has norm <= 1, so T diag(beta), whose entries are -beta_i k_i^T (product of the transitions
+between j and i) k_j beta_j, stays bounded (by 4 for unit keys). That covers DeltaNet (2: sum-normalised k, sigmoid
+beta) and the negative-eigenvalue variants 20-22 (unit or sum-normalised k, beta in (0, 2)), where the transition has
+eigenvalues down to -1: tests/test_neg_eigval.py checks this form against the reference there (L up to 200, beta up
+to 1.99, nearly parallel keys). With unnormalised keys (beta |k|^2 > 2) the float32 result can lose accuracy.
 """
 import torch
 

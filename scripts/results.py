@@ -26,6 +26,7 @@ from model import MODEL_NAMES  # noqa: E402
 
 # The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
 MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
+EXTENSION_ORDER = (20, 21, 22)  # models beyond the paper: a row only where they have runs
 TABLE_FILE = "table.md"
 PLOT_FILE = "length_generalization.png"
 
@@ -152,9 +153,9 @@ def render_search(cells, table_dir):
              f"Per cell: every trial (seed 1) with its status and best mean of Bin0 and Bin1; the chosen "
              f"configuration (highest best mean, then fewest steps), its curve (mean of Bin0 and Bin1 at each "
              f"epoch end) and its seeds 2 and 3. Solved: Bin1 >= {SOLVED_BIN1:g} %."]
+    models = table_models(cells)
     for (task, model_type), cell in sorted(cells.items(), key=lambda item: (table_tasks(cells).index(item[0][0]),
-                                                                            MODEL_ORDER.index(item[0][1])
-                                                                            if item[0][1] in MODEL_ORDER else 99)):
+                                                                            models.index(item[0][1]))):
         summary, best_run = cell.summary, cell.runs[0]
         space = summary["space"]
         lines += ["", f"## {task} / {MODEL_NAMES[model_type]}", "",
@@ -174,6 +175,11 @@ def render_search(cells, table_dir):
                   f"Curve: {curve or '-'}.", f"Seeds (Bin0 / Bin1): {seeds}; "
                   f"{cell.seeds_solved}/{len(cell.runs)} solve Bin1."]
     return "\n".join(lines) + "\n"
+
+
+def table_models(chosen):
+    """The paper's seven rows, then each extension model that has a run."""
+    return MODEL_ORDER + tuple(m for m in EXTENSION_ORDER if any(model == m for _, model in chosen))
 
 
 def table_tasks(chosen):
@@ -202,14 +208,14 @@ def render_table(chosen, table_dir, searched=None):
     lines = ["# Accuracy (%) of the best checkpoint: Bin0 / Bin1", "",
              "| Model | " + " | ".join(tasks) + " |",
              "| --- |" + " --- |" * len(tasks)]
-    for model_type in MODEL_ORDER:
+    for model_type in table_models(chosen):
         cells = [cell(chosen.get((task, model_type)), searched.get((task, model_type))) for task in tasks]
         lines.append(f"| {MODEL_NAMES[model_type]} | " + " | ".join(cells) + " |")
     lines += ["", "- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the "
               "training lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is "
               "the evaluation with the highest mean of Bin0 and Bin1."]
     entries = [(task, model_type, *chosen[(task, model_type)])
-               for task in tasks for model_type in MODEL_ORDER if (task, model_type) in chosen]
+               for task in tasks for model_type in table_models(chosen) if (task, model_type) in chosen]
     if any(not run.finished for _, _, run, _ in entries):
         lines.append("- `*`: the run has not finished (no final.json); its best evaluation so far in metrics.jsonl.")
     if searched:
@@ -257,10 +263,10 @@ def plot_length_generalization(chosen, path, bucket):
     cols = min(len(tasks), 4)
     rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colors = dict(zip(MODEL_ORDER, plt.get_cmap("tab10").colors))
+    colors = dict(zip(table_models(chosen), plt.get_cmap("tab10").colors))
     for ax, task in zip(axes.flat, tasks):
         longest_bin0 = 0
-        for model_type in MODEL_ORDER:
+        for model_type in table_models(chosen):
             run = chosen.get((task, model_type), (None,))[0]
             if run is None or not run.by_length:
                 continue

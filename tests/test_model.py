@@ -1,4 +1,5 @@
-"""The seven models: shapes, gradients, causality, parameter counts, initialisations and config checks."""
+"""The seven models and DeltaNet variants 20-22: shapes, gradients, causality, parameter counts, initialisations
+and config checks."""
 import argparse
 import math
 
@@ -98,9 +99,10 @@ def expected_params(model_type, hidden_size, n_head, num_layer, ff_factor, emb_s
     block = {
         8: layer_norm(D) + linear(D, H * 3 * d, bias=False) + out_proj,
         2: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj,
+        20: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj,   # 20-22: DeltaNet's parameters
         7: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj + 3 * H * d * d + H * d,
         12: 3 * H * d * d + H * d * 4 + layer_norm(D) + out_proj,
-    }[model_type]
+    }[model_type if model_type not in (21, 22) else 20]
     return embedding + num_layer * (block + feed_forward) + output
 
 

@@ -1,4 +1,5 @@
 """scripts/results.py: fixture run directories (tests/fixtures/run_dirs) into the exact table and a plot."""
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -108,3 +109,16 @@ def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
 def test_missing_runs_folder_is_one_line_error(tmp_path, capsys):
     assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: no run directory {tmp_path / 'nothing'}\n"
+
+
+def test_an_extension_model_gets_a_row_only_when_it_has_runs(results_dir):
+    source = next((results_dir / "runs" / "parity" / "lstm-seed1").iterdir())
+    target = results_dir / "runs" / "parity" / "deltanet-neg-seed1" / source.name.replace("lstm", "deltanet-neg")
+    shutil.copytree(source, target)
+    args = json.loads((target / "args.json").read_text())
+    (target / "args.json").write_text(json.dumps(dict(args, model_type=20)))
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    table = (results_dir / "table.md").read_text().split("## Runs")[0]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[-2:] == ["| SRWM", "| DeltaNet [-1,1]"]
+    assert "DeltaNet L2" not in (results_dir / "table.md").read_text()
