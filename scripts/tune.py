@@ -9,7 +9,7 @@ The space of a cell (batch 64, ff_factor 4, dropout 0, report_every 50, seed 1, 
 learning rate {3e-4, 1e-3, 3e-3} x layers {1, 2} x (hidden, heads) in {(64, 4), (128, 4), (128, 8)}, i.e. heads of
 16 or 32 dimensions; the LSTM and e-LSTM have no heads, so hidden {64, 128}, and the e-LSTM (always one layer)
 skips the layers. Every trial is an ordinary main.py run; it reports the best mean of valid and valid2 accuracy
-so far at each of main.py's evaluations, and ASHA stops the weaker trials of a cell at 4 and 12 epochs (keeping a
+so far at each of main.py's evaluations, and ASHA stops the weaker trials of a cell at 5 and 15 epochs (keeping a
 third); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
 best trial's configuration train to the end, without early stopping (the paper reports seed 1; the two others
 show how robust the configuration is).
@@ -42,7 +42,7 @@ RNN_WIDTHS = ((64, 1), (128, 1))
 E_LSTM = 10
 BATCH_SIZE, FF_FACTOR = 64, 4
 SEARCH_SEED, ROBUSTNESS_SEEDS = 1, (2, 3)
-ASHA_GRACE_EPOCHS, ASHA_REDUCTION = 4, 3
+ASHA_GRACE_EPOCHS, ASHA_REDUCTION = 5, 3
 SUMMARY_FILE = "search.json"
 
 
