@@ -43,27 +43,21 @@ struct StepLayout {
   int64_t k() const { return D; }
   int64_t diff() const { return 2 * D; }
   int64_t beta() const { return 3 * D; }
-};
-
-// Sizes shared by forward and backward: W and the vectors it multiplies have D_pad columns; the concatenated
-// recurrent weights R_cat = [R_q | R_k | R_v | r_b^T] have N = 3D+1 meaningful columns, padded to N_pad.
-struct Dims {
-  int64_t L, D, D_pad, N, N_pad, chunk, num_chunks;
+  // The write vector u = beta * (v - v_old) into u[0, D); forward and rebuild share it so that the rebuilt
+  // matrices repeat the forward's arithmetic exactly.
   template <typename T>
-  static Dims of(int64_t L, int64_t D) {
-    const int64_t D_pad = padded<T>(D);
-    const int64_t chunk = chunk_length(L, D * D_pad * static_cast<int64_t>(sizeof(T)));
-    return {L, D, D_pad, 3 * D + 1, padded<T>(3 * D + 1), chunk, (L + chunk - 1) / chunk};
+  FWP_INLINE void write_vector(const T* step, T* u) const {
+    const T b = step[beta()];
+    const T* d = step + diff();
+    for (int64_t m = 0; m < D; ++m) u[m] = b * d[m];
   }
 };
 
-// The write vector u = beta * (v - v_old) into u[0, D); forward and rebuild share it so that the rebuilt matrices
-// repeat the forward's arithmetic exactly.
+// W is (D, D_pad); the concatenated recurrent weights R_cat = [R_q | R_k | R_v | r_b^T] have N = 3D+1 meaningful
+// columns, padded to N_pad.
 template <typename T>
-FWP_INLINE void write_vector(const T* step, const StepLayout& lay, T* u) {
-  const T beta = step[lay.beta()];
-  const T* diff = step + lay.diff();
-  for (int64_t m = 0; m < lay.D; ++m) u[m] = beta * diff[m];
+Dims dims_of(int64_t L, int64_t D) {
+  return Dims::of<T>(L, D, 3 * D + 1, D);
 }
 
 template <typename T>
@@ -98,7 +92,7 @@ FWP_INLINE void forward_item(const T* qx, const T* kx, const T* vx, const T* bx,
   for (int64_t e = 0; e < D; ++e) std::copy(W0 + e * D, W0 + (e + 1) * D, W + e * D_pad);  // padding stays 0
   const T* state = h0;
   for (int64_t t = 0; t < L; ++t) {
-    if (t % dims.chunk == 0) std::copy(W, W + D * D_pad, ckpt + (t / dims.chunk) * D * D_pad);
+    save_checkpoint_if_due(W, t, dims, ckpt);
     T* step = steps + t * lay.size();
     T* q = step + lay.q();
     T* k = step + lay.k();
@@ -119,23 +113,10 @@ FWP_INLINE void forward_item(const T* qx, const T* kx, const T* vx, const T* bx,
     std::fill(v_old, v_old + D_pad, T(0));
     add_vec_mat<Bytes>(k, W, D, D_pad, v_old);
     for (int64_t m = 0; m < D; ++m) diff[m] = z[2 * D + m] - v_old[m];
-    write_vector(step, lay, u);
+    lay.write_vector(step, u);
 
     // W += outer(k, u) and read = q @ W (the updated W) in one pass.
-    for_column_blocks<Bytes, T>(D_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
-      constexpr int64_t w = decltype(width)::value;
-      T acc[w] = {};
-      for (int64_t e = 0; e < D; ++e) {
-        const T k_e = k[e], q_e = q[e];
-        T* row = W + e * D_pad + c;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          row[j] += k_e * u[c + j];
-          acc[j] += q_e * row[j];
-        }
-      }
-      copy_block<w>(acc, read + c);
-    });
+    update_and_read<Bytes>(W, D, D_pad, k, u, [&](int64_t e) FWP_LAMBDA_INLINE { return q[e]; }, read);
     std::copy(read, read + D, out + t * D);
     state = out + t * D;
   }
@@ -156,20 +137,6 @@ struct BackwardScratch {
     }
   }
 };
-
-// Fills sc.W_T_chunk for chunk c from its checkpoint and the per-step vectors.
-template <typename T>
-FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
-                              BackwardScratch<T>& sc) {
-  const int64_t D = dims.D;
-  const StepLayout lay{D};
-  rebuild_transposed_chunk(ckpt + c * D * dims.D_pad, D, D, dims.D_pad, dims.D_pad, len, sc.W_T_chunk, sc.u, sc.k_pad,
-                           [&](int64_t j, T* u, T* k) FWP_LAMBDA_INLINE {
-                             const T* step = steps + (c * dims.chunk + j) * lay.size();
-                             write_vector(step, lay, u);
-                             std::copy(step + lay.k(), step + lay.k() + D, k);
-                           });
-}
 
 // dz_out receives, per step, [d qx_t | d kx_t | d vx_t | d bx_t] (N). R_cat_T is (N, D_pad): R_cat transposed, so
 // the gradient flowing back into s is a sum of rows; this item's share of its gradient is added to dR_cat_T
@@ -198,98 +165,77 @@ FWP_INLINE void backward_item(const T* grad_out, const T* out, const T* h0, cons
   // The last term of step t+1's gradient w.r.t. W_t, outer(k_{t+1}, -dv_{t+1}), is added in step t's first pass.
   std::fill(dv_prev, dv_prev + D_pad, T(0));
   std::fill(k_prev, k_prev + D_pad, T(0));
-  for (int64_t c = dims.num_chunks - 1; c >= 0; --c) {
-    const int64_t first = c * dims.chunk;
-    const int64_t len = std::min(dims.chunk, dims.L - first);
-    rebuild_chunk(steps, ckpt, c, len, dims, sc);
-    for (int64_t j = len - 1; j >= 0; --j) {
-      const int64_t t = first + j;
-      const T* W_T_prev = sc.W_T_chunk + j * D * D_pad;
-      const T* step = steps + t * lay.size();
-      const T* q = step + lay.q();
-      const T* k = step + lay.k();
-      const T* diff = step + lay.diff();
-      const T beta = step[lay.beta()];
-      const T* state = t == 0 ? h0 : out + (t - 1) * D;
+  for_steps_backward(lay, steps, ckpt, dims, sc.W_T_chunk, u, sc.k_pad,
+                     [&](int64_t t, const T* W_T_prev, const T* step) FWP_LAMBDA_INLINE {
+    const T* q = step + lay.q();
+    const T* k = step + lay.k();
+    const T* diff = step + lay.diff();
+    const T beta = step[lay.beta()];
+    const T* state = t == 0 ? h0 : out + (t - 1) * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) s[d] = tanh_vectorisable(state[d]);  // as in forward
-      write_vector(step, lay, u);
-      for (int64_t m = 0; m < D; ++m) g[m] = grad_out[t * D + m] + ds[m];  // gradient w.r.t. out_t
+    for (int64_t d = 0; d < D; ++d) s[d] = tanh_vectorisable(state[d]);  // as in forward
+    lay.write_vector(step, u);
+    for (int64_t m = 0; m < D; ++m) g[m] = grad_out[t * D + m] + ds[m];  // gradient w.r.t. out_t
 
-      // out_t = q @ W_t, W_t = W_prev + outer(k, u): dW becomes the gradient w.r.t. W_t; then du = k @ dW and
-      // dk = dW @ u.
-      std::fill(dk, dk + D, T(0));
-      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-        constexpr int64_t w = decltype(width)::value;
-        T du_acc[w] = {};
-        for (int64_t e = 0; e < D; ++e) {
-          const T q_e = q[e], k_e = k[e], k_prev_e = k_prev[e];
-          T* row = dW + e * D_pad + col;
-          T dk_e = 0;
-#pragma omp simd reduction(+ : dk_e)
-          for (int64_t j2 = 0; j2 < w; ++j2) {
-            row[j2] += q_e * g[col + j2] - k_prev_e * dv_prev[col + j2];
-            du_acc[j2] += k_e * row[j2];
-            dk_e += row[j2] * u[col + j2];
-          }
-          dk[e] += dk_e;
-        }
-        copy_block<w>(du_acc, du + col);
-      });
-      // u = beta * (v - v_old), v_old = k @ W_prev: dv = beta du, d v_old = -dv.
-      const T d_beta = dot(du, diff, D);
-      for (int64_t m = 0; m < D; ++m) dv[m] = beta * du[m];
-      // dq = W_t @ g = W_prev @ g + k (u . g), and dk gets -W_prev @ dv: sums of the rows of W_prev^T.
-      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-        constexpr int64_t w = decltype(width)::value;
-        T dq_acc[w] = {}, dk_acc[w] = {};
-        for (int64_t m = 0; m < D; ++m) {
-          const T g_m = g[m], dv_m = dv[m];
-          const T* row = W_T_prev + m * D_pad + col;
+    // out_t = q @ W_t, W_t = W_prev + outer(k, u): dW becomes the gradient w.r.t. W_t; then du = k @ dW and
+    // dk = dW @ u.
+    update_gradient_and_project<Bytes>(
+        dW, D, D_pad,
+        [&](int64_t e) FWP_LAMBDA_INLINE { return RowCoefficients<T>{q[e], -k_prev[e], k[e]}; }, g, dv_prev, u,
+        du, dk);
+    // u = beta * (v - v_old), v_old = k @ W_prev: dv = beta du, d v_old = -dv.
+    const T d_beta = dot(du, diff, D);
+    for (int64_t m = 0; m < D; ++m) dv[m] = beta * du[m];
+    // dq = W_t @ g = W_prev @ g + k (u . g), and dk gets -W_prev @ dv: sums of the rows of W_prev^T.
+    for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      constexpr int64_t w = decltype(width)::value;
+      T dq_acc[w] = {}, dk_acc[w] = {};
+      for (int64_t m = 0; m < D; ++m) {
+        const T g_m = g[m], dv_m = dv[m];
+        const T* row = W_T_prev + m * D_pad + col;
 #pragma omp simd
-          for (int64_t j2 = 0; j2 < w; ++j2) {
-            dq_acc[j2] += g_m * row[j2];
-            dk_acc[j2] += dv_m * row[j2];
-          }
+        for (int64_t j = 0; j < w; ++j) {
+          dq_acc[j] += g_m * row[j];
+          dk_acc[j] += dv_m * row[j];
         }
-        copy_block<w>(dq_acc, dq + col);
-        copy_block<w>(dk_acc, dk_from_W + col);
-      });
-      const T u_dot_g = dot(u, g, D);
-      for (int64_t e = 0; e < D; ++e) {
-        dq[e] += k[e] * u_dot_g;
-        dk[e] -= dk_from_W[e];
       }
-      std::copy(k, k + D, k_prev);
-      std::copy(dv, dv + D, dv_prev);
-
-      // Back through the nonlinearities to the pre-activations dz = [dzq | dzk | dv | dzb].
-      softmax_backward_inplace(q, dq, D);
-      softmax_backward_inplace(k, dk, D);
-      T* const dz_t = dz_out + t * N;
-      std::copy(dq, dq + D, dz_t);
-      std::copy(dk, dk + D, dz_t + D);
-      std::copy(dv, dv + D, dz_t + 2 * D);
-      dz_t[3 * D] = d_beta * beta * (T(1) - beta);
-      // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
-      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-        constexpr int64_t w = decltype(width)::value;
-        T ds_acc[w] = {};
-        for (int64_t n = 0; n < N; ++n) {
-          const T dz_n = dz_t[n];
-          const T* row = R_cat_T + n * D_pad + col;
-          T* d_row = dR_cat_T + n * D_pad + col;
-#pragma omp simd
-          for (int64_t j2 = 0; j2 < w; ++j2) {
-            ds_acc[j2] += dz_n * row[j2];
-            d_row[j2] += dz_n * s[col + j2];
-          }
-        }
-        copy_block<w>(ds_acc, ds + col);
-      });
-      for (int64_t d = 0; d < D; ++d) ds[d] *= T(1) - s[d] * s[d];  // s = tanh(out_{t-1})
+      copy_block<w>(dq_acc, dq + col);
+      copy_block<w>(dk_acc, dk_from_W + col);
+    });
+    const T u_dot_g = dot(u, g, D);
+    for (int64_t e = 0; e < D; ++e) {
+      dq[e] += k[e] * u_dot_g;
+      dk[e] -= dk_from_W[e];
     }
-  }
+    std::copy(k, k + D, k_prev);
+    std::copy(dv, dv + D, dv_prev);
+
+    // Back through the nonlinearities to the pre-activations dz = [dzq | dzk | dv | dzb].
+    softmax_backward_inplace(q, dq, D);
+    softmax_backward_inplace(k, dk, D);
+    T* const dz_t = dz_out + t * N;
+    std::copy(dq, dq + D, dz_t);
+    std::copy(dk, dk + D, dz_t + D);
+    std::copy(dv, dv + D, dz_t + 2 * D);
+    dz_t[3 * D] = d_beta * beta * (T(1) - beta);
+    // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
+    for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+      constexpr int64_t w = decltype(width)::value;
+      T ds_acc[w] = {};
+      for (int64_t n = 0; n < N; ++n) {
+        const T dz_n = dz_t[n];
+        const T* row = R_cat_T + n * D_pad + col;
+        T* d_row = dR_cat_T + n * D_pad + col;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          ds_acc[j] += dz_n * row[j];
+          d_row[j] += dz_n * s[col + j];
+        }
+      }
+      copy_block<w>(ds_acc, ds + col);
+    });
+    for (int64_t d = 0; d < D; ++d) ds[d] *= T(1) - s[d] * s[d];  // s = tanh(out_{t-1})
+  });
 }
 
 void check_inputs(const std::vector<at::Tensor>& inputs) {
@@ -325,7 +271,7 @@ std::vector<at::Tensor> rec_delta_forward(const at::Tensor& qx, const at::Tensor
   at::Tensor ckpt;
   AT_DISPATCH_FLOATING_TYPES(qx.scalar_type(), "rec_delta_forward", [&] {
     using T = scalar_t;
-    const Dims dims = Dims::of<T>(L, D);
+    const Dims dims = dims_of<T>(L, D);
     const at::Tensor R_cat = pad_last_dim(concat_recurrent_weights(R_q, R_k, R_v, r_b), dims.N_pad);
     ckpt = at::empty({B, H, dims.num_chunks, D, dims.D_pad}, qx.options());
     parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
@@ -334,7 +280,7 @@ std::vector<at::Tensor> rec_delta_forward(const at::Tensor& qx, const at::Tensor
                       item_ptr<T>(bx, i, L), item_ptr<T>(R_cat, i % H, D * dims.N_pad), item_ptr<T>(W0, i, D * D),
                       item_ptr<T>(h0, i, D), item_ptr<T>(out, i, L * D),
                       item_ptr<T>(steps, i, L * StepLayout{D}.size()),
-                      item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad), dims, scratch);
+                      item_ptr<T>(ckpt, i, dims.num_chunks * dims.matrix_size()), dims, scratch);
       });
     });
   });
@@ -362,7 +308,7 @@ std::vector<at::Tensor> rec_delta_backward(const at::Tensor& grad_out, const at:
   at::Tensor dR_cat;
   AT_DISPATCH_FLOATING_TYPES(qx.scalar_type(), "rec_delta_backward", [&] {
     using T = scalar_t;
-    const Dims dims = Dims::of<T>(L, D);
+    const Dims dims = dims_of<T>(L, D);
     const at::Tensor R_cat_T = pad_last_dim(concat_recurrent_weights(R_q, R_k, R_v, r_b).transpose(-1, -2), dims.D_pad);
     at::Tensor dR_cat_T_groups = at::zeros({groups_per_head, H, N, dims.D_pad}, qx.options());
     parallel_items<BackwardScratch<T>>(H * groups_per_head, dims, [&](int64_t group, BackwardScratch<T>& scratch) {
@@ -373,7 +319,7 @@ std::vector<at::Tensor> rec_delta_backward(const at::Tensor& grad_out, const at:
         fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
         backward_item<decltype(width)::value, T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(out, i, L * D), item_ptr<T>(h0, i, D),
                          item_ptr<T>(steps, i, L * StepLayout{D}.size()),
-                         item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.D_pad),
+                         item_ptr<T>(ckpt, i, dims.num_chunks * dims.matrix_size()),
                          item_ptr<T>(R_cat_T, h, N * dims.D_pad), item_ptr<T>(dz, i, L * N), dR_cat_T, dims, scratch);
         });
       }

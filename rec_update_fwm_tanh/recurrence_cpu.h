@@ -193,26 +193,165 @@ inline int64_t chunk_length(int64_t L, int64_t matrix_bytes) {
   return std::clamp<int64_t>(kRebuildBytes / matrix_bytes, 1, std::max<int64_t>(L, 1));
 }
 
-// Fills W_T_chunk[0 .. len) with the transposes of the matrices a chunk's steps read: the first is the transposed
-// checkpoint W (rows x cols used, row stride w_stride), each next one the previous plus the rank-one update of the
-// step before it, W_T[n, e] += u[n] k[e] (the forward's update, transposed). load_step(j, u, k) writes the update
-// vectors of the chunk's step j (u: cols values, k: rows values; padding stays zero). Transposed rows have
-// row_pad >= rows values.
-template <typename T, typename LoadStep>
-FWP_INLINE void rebuild_transposed_chunk(const T* W, int64_t rows, int64_t cols, int64_t w_stride, int64_t row_pad,
-                                         int64_t len, T* W_T_chunk, T* u, T* k, const LoadStep& load_step) {
+// Sizes of one recurrence, shared by forward and backward: L steps; the fast weight W has D rows of W_cols values
+// (W_cols = D or N), padded to W_stride; backward rebuilds the transposes of `chunk` consecutive steps' W, each
+// W_cols rows of D_pad values. N, N_pad: the operator's wide dimension (Recurrent Delta: the concatenated
+// recurrent weights' columns; SRWM: W's columns).
+struct Dims {
+  int64_t L, D, D_pad, N, N_pad, W_cols, W_stride, chunk, num_chunks;
+  template <typename T>
+  static Dims of(int64_t L, int64_t D, int64_t N, int64_t W_cols) {
+    const int64_t D_pad = padded<T>(D);
+    const int64_t chunk = chunk_length(L, W_cols * D_pad * static_cast<int64_t>(sizeof(T)));
+    return {L, D, D_pad, N, padded<T>(N), W_cols, padded<T>(W_cols), chunk, (L + chunk - 1) / chunk};
+  }
+  int64_t matrix_size() const { return D * W_stride; }           // one W (a checkpoint)
+  int64_t transposed_size() const { return W_cols * D_pad; }     // one rebuilt transpose
+};
+
+// Fills W_T_chunk[0 .. len) with the transposes of the matrices chunk c's steps read: the first is the transposed
+// checkpoint, each next one the previous plus the rank-one update of the step before it, W_T[n, e] += u[n] k[e]
+// (the forward's update, transposed). Layout describes a step's saved vectors: size(), k() (the offset of k) and
+// write_vector(step, u), which must repeat the forward's arithmetic exactly. u (W_cols values) and k_pad (D_pad,
+// its padding zero) are scratch.
+template <typename Layout, typename T>
+FWP_INLINE void rebuild_chunk(const Layout& lay, const T* steps, const T* ckpt, int64_t c, int64_t len,
+                              const Dims& dims, T* W_T_chunk, T* u, T* k_pad) {
+  const int64_t rows = dims.D, cols = dims.W_cols, w_stride = dims.W_stride, row_pad = dims.D_pad;
+  const T* W = ckpt + c * dims.matrix_size();
   for (int64_t n = 0; n < cols; ++n)  // contiguous stores; the strided loads hit the same few lines for a while
     for (int64_t e = 0; e < rows; ++e) W_T_chunk[n * row_pad + e] = W[e * w_stride + n];
   for (int64_t j = 1; j < len; ++j) {
     const T* W_T_before = W_T_chunk + (j - 1) * cols * row_pad;
     T* W_T = W_T_chunk + j * cols * row_pad;
-    load_step(j - 1, u, k);
+    const T* step = steps + (c * dims.chunk + j - 1) * lay.size();
+    lay.write_vector(step, u);
+    std::copy(step + lay.k(), step + lay.k() + rows, k_pad);
     for (int64_t n = 0; n < cols; ++n) {
       const T u_n = u[n];
 #pragma omp simd
-      for (int64_t e = 0; e < row_pad; ++e) W_T[n * row_pad + e] = W_T_before[n * row_pad + e] + u_n * k[e];
+      for (int64_t e = 0; e < row_pad; ++e) W_T[n * row_pad + e] = W_T_before[n * row_pad + e] + u_n * k_pad[e];
     }
   }
+}
+
+// Saves W (D rows of W_stride values) as the checkpoint of its chunk when step t starts one.
+template <typename T>
+FWP_INLINE void save_checkpoint_if_due(const T* W, int64_t t, const Dims& dims, T* ckpt) {
+  if (t % dims.chunk == 0) std::copy(W, W + dims.matrix_size(), ckpt + (t / dims.chunk) * dims.matrix_size());
+}
+
+// Whole vectors of T in and out of memory at any alignment (single unaligned loads and stores).
+template <typename V, typename T>
+FWP_INLINE V load_vector(const T* p) {
+  V v;
+  std::memcpy(static_cast<void*>(&v), p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+FWP_INLINE void store_vector(T* p, const V& v) {
+  std::memcpy(p, static_cast<const void*>(&v), sizeof(V));
+}
+
+// The sum of a vector's lanes by halving (log2 of the lanes additions, not one scalar addition per lane).
+template <typename T, typename V>
+FWP_INLINE T lane_sum(const V& x) {
+  if constexpr (sizeof(V) == sizeof(T)) {
+    return x[0];
+  } else {
+    typedef T Half __attribute__((vector_size(sizeof(V) / 2)));
+    Half low, high;
+    std::memcpy(static_cast<void*>(&low), static_cast<const void*>(&x), sizeof(Half));
+    std::memcpy(static_cast<void*>(&high), reinterpret_cast<const char*>(&x) + sizeof(Half), sizeof(Half));
+    return lane_sum<T>(low + high);
+  }
+}
+
+// The update passes below hold a column block's accumulators as an array of n vectors of Bytes bytes (n <= 4,
+// see for_column_blocks) in registers; written with vector types and fully unrolled loops because GCC keeps a
+// scalar accumulator array that is also read and written through row pointers in memory (on the stack) instead.
+#define FWP_FOR_VECTORS(i, n) _Pragma("GCC unroll 4") for (int64_t i = 0; i < (n); ++i)
+
+// The update pass of both forwards: W (rows x cols, row stride cols, cols a multiple of kVector<T>) +=
+// outer(k, u), and in the same pass, with the updated W, result = a @ W with a[e] = read_coefficient(e).
+template <int Bytes, typename T, typename ReadCoefficient>
+FWP_INLINE void update_and_read(T* W, int64_t rows, int64_t cols, const T* k, const T* u,
+                                const ReadCoefficient& read_coefficient, T* result) {
+  using V = typename fwp::Simd<T, Bytes>::vec;
+  constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
+  for_column_blocks<Bytes, T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t n = decltype(width)::value / vw;
+    V u_v[n], acc[n];
+    FWP_FOR_VECTORS(i, n) {
+      u_v[i] = load_vector<V>(u + c + i * vw);
+      acc[i] = V{};
+    }
+    for (int64_t e = 0; e < rows; ++e) {
+      const T k_e = k[e], a_e = read_coefficient(e);
+      T* row = W + e * cols + c;
+      FWP_FOR_VECTORS(i, n) {
+        const V updated = load_vector<V>(row + i * vw) + k_e * u_v[i];
+        store_vector(row + i * vw, updated);
+        acc[i] += a_e * updated;
+      }
+    }
+    FWP_FOR_VECTORS(i, n) store_vector(result + c + i * vw, acc[i]);
+  });
+}
+
+// The backward's walk over time: calls step(t, W_T, step_vectors) for t = L-1 down to 0, W_T being the transpose
+// of the W step t reads (rebuilt a chunk at a time into W_T_chunk, see rebuild_chunk) and step_vectors what the
+// forward saved for step t.
+template <typename Layout, typename T, typename Step>
+FWP_INLINE void for_steps_backward(const Layout& lay, const T* steps, const T* ckpt, const Dims& dims, T* W_T_chunk,
+                                   T* u, T* k_pad, const Step& step) {
+  for (int64_t c = dims.num_chunks - 1; c >= 0; --c) {
+    const int64_t first = c * dims.chunk;
+    const int64_t len = std::min(dims.chunk, dims.L - first);
+    rebuild_chunk(lay, steps, ckpt, c, len, dims, W_T_chunk, u, k_pad);
+    for (int64_t j = len - 1; j >= 0; --j) {
+      const int64_t t = first + j;
+      step(t, static_cast<const T*>(W_T_chunk + j * dims.transposed_size()),
+           static_cast<const T*>(steps + t * lay.size()));
+    }
+  }
+}
+
+// The coefficients of row e in update_gradient_and_project.
+template <typename T>
+struct RowCoefficients {
+  T a, b, p;
+};
+
+// The pass of both backwards that finishes the gradient w.r.t. a fast weight and projects it: dW (rows x cols,
+// row stride cols, cols a multiple of kVector<T>) += outer(a, x) + outer(b, y) with {a[e], b[e], p[e]} =
+// coefficients(e); in the same pass, with the updated dW, du = p @ dW and dk[e] = dW[e, :] . u.
+template <int Bytes, typename T, typename Coefficients>
+FWP_INLINE void update_gradient_and_project(T* dW, int64_t rows, int64_t cols, const Coefficients& coefficients,
+                                            const T* x, const T* y, const T* u, T* du, T* dk) {
+  using V = typename fwp::Simd<T, Bytes>::vec;
+  constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
+  std::fill(dk, dk + rows, T(0));
+  for_column_blocks<Bytes, T>(cols, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t n = decltype(width)::value / vw;
+    V du_acc[n];
+    FWP_FOR_VECTORS(i, n) du_acc[i] = V{};
+    for (int64_t e = 0; e < rows; ++e) {
+      const RowCoefficients<T> co = coefficients(e);
+      T* row = dW + e * cols + col;
+      V dk_e = {};
+      FWP_FOR_VECTORS(i, n) {
+        const int64_t j = col + i * vw;
+        const V updated =
+            load_vector<V>(row + i * vw) + (co.a * load_vector<V>(x + j) + co.b * load_vector<V>(y + j));
+        store_vector(row + i * vw, updated);
+        du_acc[i] += co.p * updated;
+        dk_e += updated * load_vector<V>(u + j);
+      }
+      dk[e] += lane_sum<T>(dk_e);
+    }
+    FWP_FOR_VECTORS(i, n) store_vector(du + col + i * vw, du_acc[i]);
+  });
 }
 
 // Calls work(i, scratch) for every i in [0, n) on at::parallel_for's threads, each thread with its own Scratch

@@ -34,17 +34,12 @@ namespace {
 
 using namespace fwp_recurrence_cpu;
 
-// Sizes shared by forward and backward: W is (D, N_pad) with N = 3D+4 meaningful columns; its transpose, rebuilt
-// in backward, is (N, D_pad).
-struct Dims {
-  int64_t L, D, D_pad, N, N_pad, chunk, num_chunks;
-  template <typename T>
-  static Dims of(int64_t L, int64_t D) {
-    const int64_t D_pad = padded<T>(D), N = 3 * D + 4;
-    const int64_t chunk = chunk_length(L, N * D_pad * static_cast<int64_t>(sizeof(T)));
-    return {L, D, D_pad, N, padded<T>(N), chunk, (L + chunk - 1) / chunk};
-  }
-};
+// W is (D, N_pad) with N = 3D+4 meaningful columns; its transpose, rebuilt in backward, is (N, D_pad).
+template <typename T>
+Dims dims_of(int64_t L, int64_t D) {
+  const int64_t N = 3 * D + 4;
+  return Dims::of<T>(L, D, N, N);
+}
 
 // What the forward saves per step, side by side: [q | k | b (4) | r (N)].
 struct StepLayout {
@@ -54,22 +49,20 @@ struct StepLayout {
   int64_t k() const { return D; }
   int64_t b() const { return 2 * D; }
   int64_t r() const { return 2 * D + 4; }
-};
-
-// The write vector u = g * r into u[0, N) (g: the learning rate of each column); forward and rebuild share it so
-// that the rebuilt matrices repeat the forward's arithmetic exactly.
-template <typename T>
-FWP_INLINE void write_vector(const T* step, const StepLayout& lay, T* u) {
-  const int64_t D = lay.D;
-  const T* b = step + lay.b();
-  const T* r = step + lay.r();
-  for (int64_t i = 0; i < 3; ++i) {
-    const T rate = b[i];
+  // The write vector u = g * r into u[0, N) (g: the learning rate of each column); forward and rebuild share it
+  // so that the rebuilt matrices repeat the forward's arithmetic exactly.
+  template <typename T>
+  FWP_INLINE void write_vector(const T* step, T* u) const {
+    const T* rates = step + b();
+    const T* r_ = step + r();
+    for (int64_t i = 0; i < 3; ++i) {
+      const T rate = rates[i];
 #pragma omp simd
-    for (int64_t m = i * D; m < (i + 1) * D; ++m) u[m] = rate * r[m];
+      for (int64_t m = i * D; m < (i + 1) * D; ++m) u[m] = rate * r_[m];
+    }
+    for (int64_t m = 3 * D; m < 3 * D + 4; ++m) u[m] = rates[3] * r_[m];
   }
-  for (int64_t m = 3 * D; m < 3 * D + 4; ++m) u[m] = b[3] * r[m];
-}
+};
 
 // The four matrices of one item, as stored in the inputs (and in the gradients).
 template <typename T>
@@ -129,7 +122,7 @@ FWP_INLINE void forward_item(const T* x, const ItemMatrices<T> W_in, T* out, T* 
   std::fill(z, z + N_pad, T(0));
   add_vec_mat<Bytes>(x, W, D, N_pad, z);
   for (int64_t t = 0; t < L; ++t) {
-    if (t % dims.chunk == 0) std::copy(W, W + D * N_pad, ckpt + (t / dims.chunk) * D * N_pad);
+    save_checkpoint_if_due(W, t, dims, ckpt);
     T* step = steps + t * lay.size();
     T* q = step + lay.q();
     T* k = step + lay.k();
@@ -143,24 +136,12 @@ FWP_INLINE void forward_item(const T* x, const ItemMatrices<T> W_in, T* out, T* 
     std::fill(r, r + N_pad, T(0));
     add_vec_mat<Bytes>(a, W, D, N_pad, r);
     std::copy(r, r + N, step + lay.r());
-    write_vector(step, lay, u);
+    lay.write_vector(step, u);
 
     // W += outer(k, u) and z = x_{t+1} @ W (the updated W) in one pass.
     const T* x_next = t + 1 < L ? x + (t + 1) * D : nullptr;
-    for_column_blocks<Bytes, T>(N_pad, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
-      constexpr int64_t w = decltype(width)::value;
-      T acc[w] = {};
-      for (int64_t e = 0; e < D; ++e) {
-        const T k_e = k[e], x_e = x_next ? x_next[e] : T(0);
-        T* row = W + e * N_pad + c;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          row[j] += k_e * u[c + j];
-          acc[j] += x_e * row[j];
-        }
-      }
-      copy_block<w>(acc, z + c);
-    });
+    update_and_read<Bytes>(
+        W, D, N_pad, k, u, [&](int64_t e) FWP_LAMBDA_INLINE { return x_next ? x_next[e] : T(0); }, z);
   }
 }
 
@@ -184,20 +165,6 @@ struct BackwardScratch {
     }
   }
 };
-
-// Fills sc.W_T_chunk for chunk c from its checkpoint and the per-step vectors.
-template <typename T>
-FWP_INLINE void rebuild_chunk(const T* steps, const T* ckpt, int64_t c, int64_t len, const Dims& dims,
-                              BackwardScratch<T>& sc) {
-  const int64_t D = dims.D;
-  const StepLayout lay{D};
-  rebuild_transposed_chunk(ckpt + c * D * dims.N_pad, D, dims.N, dims.N_pad, dims.D_pad, len, sc.W_T_chunk, sc.u,
-                           sc.k_pad, [&](int64_t j, T* u, T* k) FWP_LAMBDA_INLINE {
-                             const T* step = steps + (c * dims.chunk + j) * lay.size();
-                             write_vector(step, lay, u);
-                             std::copy(step + lay.k(), step + lay.k() + D, k);
-                           });
-}
 
 // result = W @ coefficient, W given by its transpose W_T (N, D_pad): the sum of the rows of W_T weighted by
 // coefficient.
@@ -228,66 +195,47 @@ FWP_INLINE void backward_item(const T* grad_out, const T* x, const T* steps, con
   std::fill(dW, dW + D * N_pad, T(0));
   std::fill(du, du + N_pad, T(0));
   std::fill(dk_from_dW, dk_from_dW + D_pad, T(0));
-  for (int64_t c = dims.num_chunks - 1; c >= 0; --c) {
-    const int64_t first = c * dims.chunk;
-    const int64_t len = std::min(dims.chunk, dims.L - first);
-    rebuild_chunk(steps, ckpt, c, len, dims, sc);
-    for (int64_t j = len - 1; j >= 0; --j) {
-      const int64_t t = first + j;
-      const T* W_T = sc.W_T_chunk + j * N * D_pad;
-      const T* step = steps + t * lay.size();
-      const T* q = step + lay.q();
-      const T* k = step + lay.k();
-      const T* b = step + lay.b();
-      const T* r = step + lay.r();
-      const T* x_t = x + t * D;
+  for_steps_backward(lay, steps, ckpt, dims, sc.W_T_chunk, u, sc.k_pad,
+                     [&](int64_t t, const T* W_T, const T* step) FWP_LAMBDA_INLINE {
+    const T* q = step + lay.q();
+    const T* k = step + lay.k();
+    const T* b = step + lay.b();
+    const T* r = step + lay.r();
+    const T* x_t = x + t * D;
 
-      // u = g * r: dr = g * du, and the learning rates get the sums of du * r over their columns.
-      const T d_rate[4] = {dot(du, r, D), dot(du + D, r + D, D), dot(du + 2 * D, r + 2 * D, D),
-                           dot(du + 3 * D, r + 3 * D, 4)};
-      for (int64_t i = 0; i < 3; ++i) {
+    // u = g * r: dr = g * du, and the learning rates get the sums of du * r over their columns.
+    const T d_rate[4] = {dot(du, r, D), dot(du + D, r + D, D), dot(du + 2 * D, r + 2 * D, D),
+                         dot(du + 3 * D, r + 3 * D, 4)};
+    for (int64_t i = 0; i < 3; ++i) {
 #pragma omp simd
-        for (int64_t n = i * D; n < (i + 1) * D; ++n) dr[n] = b[i] * du[n];
-      }
-      for (int64_t n = 3 * D; n < N; ++n) dr[n] = b[3] * du[n];
-      // r = (q - k) @ W: d(q - k) = W @ dr.
-      mat_vec_by_rows<Bytes>(W_T, dr, N, D_pad, da);
-      // dz = gradient of z = x_t @ W = [y | zq | zk | zb].
-      std::copy(grad_out + t * D, grad_out + (t + 1) * D, dz);
-      for (int64_t e = 0; e < D; ++e) {
-        dz[D + e] = da[e];
-        dz[2 * D + e] = dk_from_dW[e] - da[e];
-      }
-      softmax_backward_inplace(q, dz + D, D);
-      softmax_backward_inplace(k, dz + 2 * D, D);
-      for (int64_t i = 0; i < 4; ++i) dz[3 * D + i] = d_rate[i] * b[i] * (T(1) - b[i]);
-      mat_vec_by_rows<Bytes>(W_T, dz, N, D_pad, dx);
-      std::copy(dx, dx + D, dx_out + t * D);
-
-      // dW (w.r.t. the W step t reads) += outer(q - k, dr) + outer(x_t, dz); in the same pass, du and
-      // dk_from_dW for step t-1.
-      const T* k_prev = t > 0 ? k - lay.size() : nullptr;
-      if (k_prev) write_vector(step - lay.size(), lay, u_prev);
-      std::fill(dk_from_dW, dk_from_dW + D, T(0));
-      for_column_blocks<Bytes, T>(N_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-        constexpr int64_t w = decltype(width)::value;
-        T du_acc[w] = {};
-        for (int64_t e = 0; e < D; ++e) {
-          const T a_e = q[e] - k[e], x_e = x_t[e], k_prev_e = k_prev ? k_prev[e] : T(0);
-          T* row = dW + e * N_pad + col;
-          T dk_e = 0;
-#pragma omp simd reduction(+ : dk_e)
-          for (int64_t j2 = 0; j2 < w; ++j2) {
-            row[j2] += a_e * dr[col + j2] + x_e * dz[col + j2];
-            du_acc[j2] += k_prev_e * row[j2];
-            dk_e += row[j2] * u_prev[col + j2];
-          }
-          dk_from_dW[e] += dk_e;
-        }
-        copy_block<w>(du_acc, du + col);
-      });
+      for (int64_t n = i * D; n < (i + 1) * D; ++n) dr[n] = b[i] * du[n];
     }
-  }
+    for (int64_t n = 3 * D; n < N; ++n) dr[n] = b[3] * du[n];
+    // r = (q - k) @ W: d(q - k) = W @ dr.
+    mat_vec_by_rows<Bytes>(W_T, dr, N, D_pad, da);
+    // dz = gradient of z = x_t @ W = [y | zq | zk | zb].
+    std::copy(grad_out + t * D, grad_out + (t + 1) * D, dz);
+    for (int64_t e = 0; e < D; ++e) {
+      dz[D + e] = da[e];
+      dz[2 * D + e] = dk_from_dW[e] - da[e];
+    }
+    softmax_backward_inplace(q, dz + D, D);
+    softmax_backward_inplace(k, dz + 2 * D, D);
+    for (int64_t i = 0; i < 4; ++i) dz[3 * D + i] = d_rate[i] * b[i] * (T(1) - b[i]);
+    mat_vec_by_rows<Bytes>(W_T, dz, N, D_pad, dx);
+    std::copy(dx, dx + D, dx_out + t * D);
+
+    // dW (w.r.t. the W step t reads) += outer(q - k, dr) + outer(x_t, dz); in the same pass, du and
+    // dk_from_dW for step t-1.
+    const T* k_prev = t > 0 ? k - lay.size() : nullptr;
+    if (k_prev) lay.write_vector(step - lay.size(), u_prev);
+    update_gradient_and_project<Bytes>(
+        dW, D, N_pad,
+        [&](int64_t e) FWP_LAMBDA_INLINE {
+          return RowCoefficients<T>{q[e] - k[e], x_t[e], k_prev ? k_prev[e] : T(0)};
+        },
+        dr, dz, u_prev, du, dk_from_dW);
+  });
   split_matrix(dW, D, N_pad, dW_out);
 }
 
@@ -318,13 +266,13 @@ std::vector<at::Tensor> self_ref_v0_forward(const at::Tensor& x, const at::Tenso
   at::Tensor ckpt;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "self_ref_v0_forward", [&] {
     using T = scalar_t;
-    const Dims dims = Dims::of<T>(L, D);
+    const Dims dims = dims_of<T>(L, D);
     ckpt = at::empty({B, H, dims.num_chunks, D, dims.N_pad}, x.options());
     parallel_items<ForwardScratch<T>>(B * H, dims, [&](int64_t i, ForwardScratch<T>& scratch) {
       fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
       forward_item<decltype(width)::value, T>(item_ptr<T>(x, i, L * D), item_matrices<T>(W_y, W_q, W_k, w_b, i), item_ptr<T>(out, i, L * D),
                       item_ptr<T>(steps, i, L * StepLayout{D}.size()),
-                      item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), dims, scratch);
+                      item_ptr<T>(ckpt, i, dims.num_chunks * dims.matrix_size()), dims, scratch);
       });
     });
   });
@@ -344,12 +292,12 @@ std::vector<at::Tensor> self_ref_v0_backward(const at::Tensor& grad_out, const a
   at::Tensor dw_b = at::empty_like(w_b);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "self_ref_v0_backward", [&] {
     using T = scalar_t;
-    const Dims dims = Dims::of<T>(L, D);
+    const Dims dims = dims_of<T>(L, D);
     parallel_items<BackwardScratch<T>>(B * H, dims, [&](int64_t i, BackwardScratch<T>& scratch) {
       fwp::dispatch([&](auto width) FWP_LAMBDA_INLINE {
       backward_item<decltype(width)::value, T>(item_ptr<T>(grad_out, i, L * D), item_ptr<T>(x, i, L * D),
                        item_ptr<T>(steps, i, L * StepLayout{D}.size()),
-                       item_ptr<T>(ckpt, i, dims.num_chunks * D * dims.N_pad), item_ptr<T>(dx, i, L * D),
+                       item_ptr<T>(ckpt, i, dims.num_chunks * dims.matrix_size()), item_ptr<T>(dx, i, L * D),
                        item_matrices<T>(dW_y, dW_q, dW_k, dw_b, i), dims, scratch);
       });
     });
