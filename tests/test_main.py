@@ -599,3 +599,27 @@ def test_empty_data_folder_named_after_a_task_is_generated(tmp_path, monkeypatch
     (tmp_path / "data" / "parity").mkdir(parents=True)
     code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
     assert code == 0 and written == ["parity"]
+
+
+def test_sigint_closes_wandb_with_the_exit_code(tmp_path, tiny_data, monkeypatch):
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    finished, real_finish = [], wandb.Run.finish
+
+    def spy_finish(self, *args, **kwargs):
+        finished.append(kwargs.get("exit_code", args[0] if args else None))
+        return real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "finish", spy_finish)
+    real_train_batch = main.Run.train_batch
+
+    def interrupted_at_batch_three(self, *args):
+        if self.progress.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_train_batch(self, *args)
+
+    monkeypatch.setattr(main.Run, "train_batch", interrupted_at_batch_three)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--use_wandb")
+    assert code == 130 and finished == [130]
+    assert main.load_checkpoint(run_dir / "latest_model.pt")["progress"]["step"] == 3
