@@ -17,12 +17,14 @@ show how robust the configuration is).
 Layout: `<work_dir>/<task>/<model-slug>/<trial>/` per trial (trial `lr1e-3-l2-h64-n4-seed1`) with main.py's run
 directory and `run.log`; `<work_dir>/<task>/<model-slug>/search.json` sums the cell up (space, every trial's
 status and best score, the chosen configuration, the seeds). Relaunching the same command runs nothing that has
-finished: finished trials replay their metrics.jsonl to the scheduler, interrupted or early-stopped ones resume
-from their latest_model.pt when the scheduler lets them go on.
+ended: finished trials and those the scheduler stopped (marked by `stopped_by_scheduler.json`) replay their
+metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.pt.
 """
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,9 @@ BATCH_SIZE, FF_FACTOR = 64, 4
 SEARCH_SEED, ROBUSTNESS_SEEDS = 1, (2, 3)
 ASHA_GRACE_EPOCHS, ASHA_REDUCTION = 5, 3
 SUMMARY_FILE = "search.json"
+# Written into a trial folder when the scheduler has stopped the trial: its decision is final, so a relaunch (or a
+# fresh clone, which has no checkpoints) replays the trial instead of training it again.
+STOPPED_MARKER = "stopped_by_scheduler.json"
 
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
@@ -126,12 +131,13 @@ def run_trial(tune_config):
                          "epochs": record["step"] / config["batches_per_epoch"]})
 
     run_dir = latest_run_dir()
-    if run_dir is not None and not (run_dir / "latest_model.pt").is_file() and not (run_dir / "final.json").is_file():
+    if (folder / config["stopped_marker"]).is_file() or (run_dir is not None and (run_dir / "final.json").is_file()):
+        report_new_evaluations(run_dir)  # ended earlier: replay only
+        return
+    if run_dir is not None and not (run_dir / "latest_model.pt").is_file():
         shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to resume
         run_dir = None
     report_new_evaluations(run_dir)
-    if run_dir is not None and (run_dir / "final.json").is_file():
-        return
     command = config["command"] if run_dir is None else ["bash", config["train_script"], "--resume", str(run_dir)]
 
     def stop_with_parent():  # if Ray kills this worker, main.py gets SIGTERM and checkpoints
@@ -170,7 +176,10 @@ def trial_status(folder):
         return "started", None, None, 0.0
     best = max(records, key=lambda r: (r["valid_acc"] + r["valid2_acc"], -r["step"]))
     epochs = records[-1]["epoch"] - (0 if records[-1]["end_of_epoch"] else 1)
-    status = "finished" if (run_dir / "final.json").is_file() else "stopped early"
+    if (run_dir / "final.json").is_file():
+        status = "finished"
+    else:
+        status = "stopped early" if (folder / STOPPED_MARKER).is_file() else "unfinished"
     return status, (best["valid_acc"] + best["valid2_acc"]) / 2, best["step"], epochs
 
 
@@ -195,10 +204,14 @@ def run_tuner(tune, trials, resources, name, storage, scheduler):
                                                    trial_dirname_creator=short_trial_name),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
     for result in tuner.fit():
+        folder = Path(result.config["trial"]["folder"])
         if result.error:
             first_line = str(result.error).strip().splitlines()[0]
-            print(f"warning: trial {Path(result.config['trial']['folder']).name} failed in Ray: {first_line}",
-                  flush=True)
+            print(f"warning: trial {folder.name} failed in Ray: {first_line}", flush=True)
+        elif result.metrics.get("done") and trial_status(folder)[0] == "unfinished":
+            # Tune marks the last result `done` when the scheduler stops a trial (not when it is interrupted).
+            (folder / STOPPED_MARKER).write_text(json.dumps({"epochs": result.metrics.get("epochs"),
+                                                             "best_score": result.metrics.get("best_score")}) + "\n")
 
 
 class Cell:
@@ -215,6 +228,7 @@ class Cell:
     def trial(self, hparams, seed):
         folder = self.folder / trial_name(hparams, seed)
         return {"folder": str(folder), "batches_per_epoch": self.batches_per_epoch, "run_log": RUN_LOG,
+                "stopped_marker": STOPPED_MARKER,
                 "train_script": str(TRAIN_SCRIPT), "repo_root": str(REPO_ROOT),
                 "env": thread_env(self.args.cpus_per_run),
                 "command": train_command(self.task, self.model_type, hparams, seed, self.args.epoch_cap,
@@ -280,6 +294,10 @@ def describe(summary):
     return line
 
 
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def count_lines(path):
     with open(path) as f:
         return sum(1 for line in f if line.strip())
@@ -332,6 +350,10 @@ def main(argv=None):
         print(f"error: {exc} (pip install -r requirements-sweep.txt)", file=sys.stderr)
         return 2
     prepare_data(args.tasks, args.data_root, bins=3)
+    # Ray Tune would turn Ctrl-C into a normal end of the current cell and go on with the next one; we want it to
+    # stop everything (trials checkpoint through main.py's SIGTERM handling) and leave no scheduler verdicts behind.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     own_instance = not ray.is_initialized()
     if own_instance:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
@@ -342,6 +364,10 @@ def main(argv=None):
                 started = time.time()
                 summary = Cell(args, task, model_type, batches).run(tune)
                 print(f"{describe(summary)} [{(time.time() - started) / 60:.1f} min]", flush=True)
+    except KeyboardInterrupt:
+        print("Interrupted: the running trials checkpoint and stop; run the same command again to continue.",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         if own_instance:
             ray.shutdown()

@@ -101,6 +101,7 @@ def test_results_show_the_searched_cell(tiny_search, tmp_path):
 
 def fake_trial(folder, command):
     return {"trial": {"folder": str(folder), "batches_per_epoch": 6, "run_log": "run.log",
+                      "stopped_marker": tune.STOPPED_MARKER,
                       "train_script": str(tune.TRAIN_SCRIPT), "repo_root": str(REPO_ROOT), "env": {},
                       "command": command}}
 
@@ -117,8 +118,9 @@ def write_run_dir(folder, records, finished, checkpoint=True):
     return run_dir
 
 
-RECORDS = [{"step": 1, "valid_acc": 50.0, "valid2_acc": 0.0}, {"step": 6, "valid_acc": 100.0, "valid2_acc": 20.0},
-           {"step": 7, "valid_acc": 90.0, "valid2_acc": 10.0}]
+RECORDS = [{"epoch": 1, "step": 1, "end_of_epoch": False, "valid_acc": 50.0, "valid2_acc": 0.0},
+           {"epoch": 1, "step": 6, "end_of_epoch": True, "valid_acc": 100.0, "valid2_acc": 20.0},
+           {"epoch": 2, "step": 7, "end_of_epoch": False, "valid_acc": 90.0, "valid2_acc": 10.0}]
 
 
 @pytest.fixture
@@ -149,3 +151,13 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, repo
     tune.run_trial(fake_trial(tmp_path, ["echo", "started afresh"]))
     assert not run_dir.exists()
     assert "started afresh" in (tmp_path / "run.log").read_text()
+
+
+def test_a_trial_the_scheduler_stopped_replays_even_without_its_checkpoint(tmp_path, reports):
+    """A fresh clone has the run files but no checkpoints: the scheduler's decision stands, nothing trains."""
+    run_dir = write_run_dir(tmp_path, RECORDS[:2], finished=False, checkpoint=False)
+    (tmp_path / tune.STOPPED_MARKER).write_text("{}")
+    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    assert len(reports) == 2 and run_dir.exists()
+    assert not (tmp_path / "run.log").exists()
+    assert tune.trial_status(tmp_path)[0] == "stopped early"
