@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -315,6 +316,7 @@ class Run:
         log, args = self.log, self.args
         log(f"[{now()}] {'Resuming' if resuming else 'Starting'} run {self.run_dir}")
         log(f"torch version: {torch.__version__}, device: {self.device}")
+        log(f"Code: {code_version()}")
         log(f"Command executed: {[sys.argv[0]] + list(argv)}")
         log(f"Args: {json.dumps(vars(args), indent=2)}")
         log(f"Input vocab size: {len(self.data.src_vocab) + 1}")
@@ -492,7 +494,7 @@ class Run:
         epochs_begun = progress.epoch + (progress.batch > 0)
         log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
         final = {"best_step": best.step, "best_epoch": best.epoch, "stopped": stopped,
-                 "operators": kernel_loader.operator_paths()}
+                 "operators": kernel_loader.operator_paths(), "code": code_version()}
         if not os.path.exists(self.path("best_model.pt")):
             # Any evaluation above 0 % would have saved one: every string of every evaluation was wrong.
             log("No evaluation scored above 0 %, so there is no best model; reporting 0 %.")
@@ -516,6 +518,20 @@ class Run:
 
 def now():
     return datetime.now().strftime("%Y/%m/%d %H:%M:%S")
+
+
+def code_version():
+    """The git commit this code is at, so that a run can be traced to the code that made it (kernels change
+    results at the level of float rounding)."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"git {commit}" + (" with uncommitted changes" if changed else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,7 +108,9 @@ def test_run_writes_every_file(tmp_path, capsys):
 
     final = json.loads((run_dir / "final.json").read_text())
     assert set(final) == {"best_step", "best_epoch", "valid_acc", "valid2_acc", "test_acc", "stopped", "by_length",
-                          "operators"}
+                          "operators", "code"}
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    assert final["code"].startswith(f"git {head.strip()}")
     assert final["operators"] == {}  # the LSTM uses no fast-weight operator
     scores = [(m["valid_acc"] + m["valid2_acc"]) / 2 for m in metrics]
     best = metrics[scores.index(max(scores))]
@@ -134,6 +136,7 @@ def test_run_writes_every_file(tmp_path, capsys):
         assert f"Number of trainable params: {count_trainable_params(model)}" in text
         assert text.count("valid acc: ") == len(metrics) and text.count("valid2 acc: ") == len(metrics)
         assert "The best model so far." in text and "Best validation acc: " in text
+        assert f"Code: {final['code']}" in text
         assert f"Final model test acc: {final['test_acc']:.2f} %" in text
 
 
