@@ -39,6 +39,19 @@ class DataError(Exception):
 
 # ------------------------------------------------------------------------------------------------- samplers
 
+# The paper's windows need at most about 15 draws per kept string (the bracket languages reject short draws). A
+# window that holds too few strings for a split (e.g. --train_lengths 1 1 for dyck-1) would make the rejection
+# loops below run forever, so they give up after this many draws per string wanted.
+DRAWS_PER_STRING = 200
+
+
+def _count_draw(draws, num):
+    """draws + 1; DataError once the draws exceed the budget for `num` strings."""
+    if draws >= DRAWS_PER_STRING * max(num, 1):
+        raise DataError(f"{draws} random draws gave fewer than {num} usable strings: the length window holds too "
+                        f"few strings of this language (choose a wider window)")
+    return draws + 1
+
 def _parity_string(rng, upper, symbol_prob):
     """Append 0 or 1 (each with `symbol_prob`) until the stop symbol is drawn or the length reaches `upper`."""
     chars = []
@@ -61,8 +74,9 @@ def _parity_list(rng, num, lower, upper):
     """
     mean_length = (lower + upper) // 2
     symbol_prob = mean_length / (2 * (1 + mean_length))   # stop probability 1 / (mean_length + 1)
-    kept, seen = [], set()
+    kept, seen, draws = [], set(), 0
     while len(kept) < num:
+        draws = _count_draw(draws, num)
         raw = _parity_string(rng, upper, symbol_prob)
         if raw in seen or not lower <= len(raw) <= upper:
             continue
@@ -144,8 +158,9 @@ def _reset_dyck_word(rng, max_size):
 
 def _unique_list(draw, num, lower):
     """satwik's generate_list for the grammar languages: keep new draws of length >= lower until `num` kept."""
-    kept, seen = [], set()
+    kept, seen, draws = [], set(), 0
     while len(kept) < num:
+        draws = _count_draw(draws, num)
         word = draw()
         if len(word) >= lower and word not in seen:
             seen.add(word)
@@ -155,8 +170,9 @@ def _unique_list(draw, num, lower):
 
 def _draws_with_replacement(draw, num):
     """Draws of a finite language, repeats allowed; rejected draws (None) are retried."""
-    kept = []
+    kept, draws = [], 0
     while len(kept) < num:
+        draws = _count_draw(draws, num)
         word = draw()
         if word is not None:
             kept.append(word)

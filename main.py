@@ -290,6 +290,7 @@ class Run:
         self.wandb = None
         self.signals = SignalCatcher()  # main() replaces it with the one it has installed
         self.paths_logged = False
+        self.code = code_version()  # now: HEAD may move while the run trains
         kernel_loader.forget_operator_paths()
         seed_everything(args.seed)
         self.model = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1).to(device)
@@ -316,7 +317,7 @@ class Run:
         log, args = self.log, self.args
         log(f"[{now()}] {'Resuming' if resuming else 'Starting'} run {self.run_dir}")
         log(f"torch version: {torch.__version__}, device: {self.device}")
-        log(f"Code: {code_version()}")
+        log(f"Code: {self.code}")
         log(f"Command executed: {[sys.argv[0]] + list(argv)}")
         log(f"Args: {json.dumps(vars(args), indent=2)}")
         log(f"Input vocab size: {len(self.data.src_vocab) + 1}")
@@ -494,7 +495,7 @@ class Run:
         epochs_begun = progress.epoch + (progress.batch > 0)
         log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
         final = {"best_step": best.step, "best_epoch": best.epoch, "stopped": stopped,
-                 "operators": kernel_loader.operator_paths(), "code": code_version()}
+                 "operators": kernel_loader.operator_paths(), "code": self.code}
         if not os.path.exists(self.path("best_model.pt")):
             # Any evaluation above 0 % would have saved one: every string of every evaluation was wrong.
             log("No evaluation scored above 0 %, so there is no best model; reporting 0 %.")
@@ -520,15 +521,16 @@ def now():
     return datetime.now().strftime("%Y/%m/%d %H:%M:%S")
 
 
-def code_version():
+def code_version(repo=os.path.dirname(os.path.abspath(__file__))):
     """The git commit this code is at, so that a run can be traced to the code that made it (kernels change
     results at the level of float rounding)."""
-    repo = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        # results/ holds runs (this one's, perhaps): their files change without the code changing.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)results"], cwd=repo, capture_output=True, text=True, timeout=10,
+                                 check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"git {commit}" + (" with uncommitted changes" if changed else "")
@@ -616,13 +618,17 @@ def train_and_report(run, argv, resuming):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     with SignalCatcher() as signals:
+        run_dir = resuming = None
         try:
             args, run_dir, dataset, device, resuming = prepare(argv)
             run = start_run(args, run_dir, dataset, device, resuming)
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal while setting up
+            close_logging()
+            if run_dir is not None and not resuming and not os.path.exists(os.path.join(run_dir, "latest_model.pt")):
+                shutil.rmtree(run_dir, ignore_errors=True)
             print("Stopped before training started: nothing to resume.", file=sys.stderr)
             return EXIT_INTERRUPTED
         run.signals = signals

@@ -116,6 +116,11 @@ class SearchCell:
     def seeds_solved(self):
         return sum(run.bin1 >= SOLVED_BIN1 for run in self.runs)
 
+    @property
+    def seeds_planned(self):
+        """Seed 1 and the robustness seeds, whether or not they have run yet."""
+        return 1 + len(self.summary["seeds"])
+
 
 SOLVED_BIN1 = 99.0
 SEARCH_FILE = "search.md"
@@ -130,7 +135,11 @@ def collect_search(root):
     """{(task, model_type): SearchCell} for every search.json below `root` that has chosen a configuration."""
     cells = {}
     for path in sorted(Path(root).rglob("search.json")) if Path(root).is_dir() else []:
-        summary = json.loads(path.read_text())
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"warning: skipping {path}: unreadable ({exc})", file=sys.stderr)
+            continue
         if not summary.get("best"):
             continue
         names = [summary["best"]] + [seed["name"] for seed in summary["seeds"]]
@@ -173,7 +182,7 @@ def render_search(cells, table_dir):
         lines += ["", f"Chosen: `{summary['best']}`, run "
                       f"`{Path(os.path.relpath(best_run.path.resolve(), Path(table_dir).resolve())).as_posix()}`.",
                   f"Curve: {curve or '-'}.", f"Seeds (Bin0 / Bin1): {seeds}; "
-                  f"{cell.seeds_solved}/{len(cell.runs)} solve Bin1."]
+                  f"{cell.seeds_solved}/{cell.seeds_planned} solve Bin1."]
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +207,7 @@ def cell(entry, searched=None):
         return "-"
     run, _ = entry
     text = f"{one_decimal(run.bin0)} / {one_decimal(run.bin1)}" + ("" if run.finished else "*")
-    return text if searched is None else f"{text} ({searched.seeds_solved}/{len(searched.runs)})"
+    return text if searched is None else f"{text} ({searched.seeds_solved}/{searched.seeds_planned})"
 
 
 def render_table(chosen, table_dir, searched=None):

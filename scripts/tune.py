@@ -157,6 +157,10 @@ def run_trial(tune_config):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
+    run_dir = latest_run_dir()
+    if proc.returncode != 0 and not (run_dir is not None and (run_dir / "final.json").is_file()):
+        # An error, not a scheduler's stop: Tune records it, and a relaunch resumes the trial.
+        raise RuntimeError(f"main.py exited with status {proc.returncode}; see {folder / config['run_log']}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +274,8 @@ class Cell:
         resources = {"cpu": self.args.cpus_per_run}
         storage = Path(self.args.work_dir) / ".ray_tune"
         name = f"{self.task}-{MODEL_SLUGS[self.model_type]}"
-        asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap,
+        # max_t one above the cap: at the cap main.py ends the trial itself, with its final.json, not the scheduler.
+        asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap + 1,
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
         run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha)
         best = self.write_summary()["best"]
@@ -353,10 +358,10 @@ def main(argv=None):
     # Ray Tune would turn Ctrl-C into a normal end of the current cell and go on with the next one; we want it to
     # stop everything (trials checkpoint through main.py's SIGTERM handling) and leave no scheduler verdicts behind.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     own_instance = not ray.is_initialized()
     if own_instance:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # after ray.init, which installs its own
     try:
         for task in args.tasks:
             batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -626,3 +627,32 @@ def test_sigint_closes_wandb_with_the_exit_code(tmp_path, tiny_data, monkeypatch
     code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--use_wandb")
     assert code == 130 and finished == [130]
     assert main.load_checkpoint(run_dir / "latest_model.pt")["progress"]["step"] == 3
+
+
+def test_a_second_signal_while_setting_up_leaves_no_run_directory(tmp_path, tiny_data, monkeypatch, capsys):
+    def build_interrupted_twice(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # noted
+        os.kill(os.getpid(), signal.SIGINT)  # stops at once
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(main, "build_model", build_interrupted_twice)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    assert code == 130 and run_dir is None
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_code_version_ignores_changes_under_results(tmp_path):
+    """Runs write into results/ while they train; that is not a change of the code."""
+    (tmp_path / "results").mkdir()
+    for path in ("main.py", "results/metrics.jsonl"):
+        (tmp_path / path).write_text("1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + command, check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "metrics.jsonl").write_text("2\n")
+    assert main.code_version(str(tmp_path)) == f"git {head}"
+    (tmp_path / "main.py").write_text("2\n")
+    assert main.code_version(str(tmp_path)) == f"git {head} with uncommitted changes"
+    outside = tempfile.mkdtemp()  # /tmp: not inside a git checkout
+    assert main.code_version(outside) == "unknown (not a git checkout)"

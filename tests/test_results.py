@@ -8,6 +8,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_RUNS = REPO_ROOT / "tests" / "fixtures" / "run_dirs"
+# The repository's own results/search must not leak into the fixture tables.
+NO_SEARCH = ["--search", str(REPO_ROOT / "tests" / "fixtures" / "no_such_search")]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import results  # noqa: E402
@@ -60,7 +62,7 @@ def results_dir(tmp_path):
 
 
 def test_table_from_fixture_runs(results_dir):
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
     assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
 
 
@@ -69,14 +71,14 @@ def test_unreadable_run_is_skipped_with_a_warning(results_dir, capsys):
     broken.mkdir(parents=True)
     (broken / "args.json").write_text("{}")
     (broken / "final.json").write_text("{}")
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
     assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
     assert capsys.readouterr().err.startswith(f"warning: skipping {broken}: unreadable run files (KeyError")
 
 
 def test_plot_is_written_for_tasks_with_per_length_results(results_dir):
     pytest.importorskip("matplotlib")
-    results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)])
+    results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH])
     plot = results_dir / "length_generalization.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
@@ -96,7 +98,7 @@ def test_accuracy_by_length_pools_splits_into_buckets():
 
 def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
-    assert results.main(["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path)]) == 0
+    assert results.main(["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path), *NO_SEARCH]) == 0
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0] for row in rows] == ["| LSTM", "| e-LSTM", "| Transformer", "| Linear Transformer",
                                                      "| DeltaNet", "| Recurrent Delta", "| SRWM"]
@@ -107,7 +109,7 @@ def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
 
 
 def test_missing_runs_folder_is_one_line_error(tmp_path, capsys):
-    assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path)]) == 2
+    assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path), *NO_SEARCH]) == 2
     assert capsys.readouterr().err == f"error: no run directory {tmp_path / 'nothing'}\n"
 
 
@@ -117,7 +119,7 @@ def test_an_extension_model_gets_a_row_only_when_it_has_runs(results_dir):
     shutil.copytree(source, target)
     args = json.loads((target / "args.json").read_text())
     (target / "args.json").write_text(json.dumps(dict(args, model_type=20)))
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir)]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
     table = (results_dir / "table.md").read_text().split("## Runs")[0]
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[-2:] == ["| SRWM", "| DeltaNet [-1,1]"]

@@ -141,9 +141,16 @@ def test_a_finished_trial_replays_its_metrics_and_starts_nothing(tmp_path, repor
 
 def test_an_interrupted_trial_replays_then_resumes(tmp_path, reports):
     run_dir = write_run_dir(tmp_path, RECORDS[:2], finished=False)
-    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    with pytest.raises(RuntimeError, match="main.py exited with status"):  # the fake checkpoint cannot load
+        tune.run_trial(fake_trial(tmp_path, ["false"]))
     assert len(reports) == 2
     assert f"--resume {run_dir}" in (tmp_path / "run.log").read_text()
+
+
+def test_a_trial_whose_main_py_fails_is_an_error_not_a_scheduler_stop(tmp_path, reports):
+    with pytest.raises(RuntimeError, match="status 1"):
+        tune.run_trial(fake_trial(tmp_path, ["false"]))
+    assert not (tmp_path / tune.STOPPED_MARKER).exists()
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, reports):
