@@ -10,7 +10,8 @@ learning rate {3e-4, 1e-3, 3e-3} x layers {1, 2} x (hidden, heads) in {(64, 4), 
 16 or 32 dimensions; the LSTM and e-LSTM have no heads, so hidden {64, 128}, and the e-LSTM (always one layer)
 skips the layers. Every trial is an ordinary main.py run; it reports the best mean of valid and valid2 accuracy
 so far at each of main.py's evaluations, and ASHA stops the weaker trials of a cell at 5 and 15 epochs (keeping a
-third); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
+third); a trial also stops once another one of its cell has reached 100 % in fewer steps (it can no longer be
+chosen); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
 best trial's configuration train to the end, without early stopping (the paper reports seed 1; the two others
 show how robust the configuration is).
 
@@ -193,11 +194,27 @@ def choose_best(trials):
     return max(scored, key=lambda t: (t["best_score"], -t["best_step"])) if scored else None
 
 
+class StopWhenOutrun:
+    """Ends a trial once another trial of the cell has reached 100 % in fewer steps. Ties on the best mean are
+    broken by steps (choose_best), so such a trial can no longer be chosen. ASHA alone would let it run to the
+    cap: trials that stop at 100 % early never report at its rungs, so a plateaued trial may meet no rival there."""
+
+    def __init__(self):
+        self.solved_at = None  # fewest steps at which a trial of this cell reached 100 %
+
+    def __call__(self, trial_id, result):
+        if result.get("best_score", 0.0) >= 100.0:
+            step = result["step"]
+            self.solved_at = step if self.solved_at is None else min(self.solved_at, step)
+            return False
+        return self.solved_at is not None and result.get("step", 0) >= self.solved_at
+
+
 def short_trial_name(trial):
     return Path(trial.config["trial"]["folder"]).name
 
 
-def run_tuner(tune, trials, resources, name, storage, scheduler):
+def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None):
     """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed."""
     from ray import cloudpickle
     cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
@@ -206,7 +223,7 @@ def run_tuner(tune, trials, resources, name, storage, scheduler):
                        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False,
                                                    trial_name_creator=short_trial_name,
                                                    trial_dirname_creator=short_trial_name),
-                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper))
     for result in tuner.fit():
         folder = Path(result.config["trial"]["folder"])
         if result.error:
@@ -277,7 +294,8 @@ class Cell:
         # max_t one above the cap: at the cap main.py ends the trial itself, with its final.json, not the scheduler.
         asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap + 1,
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
-        run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha)
+        run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha,
+                  StopWhenOutrun())
         best = self.write_summary()["best"]
         if best is None:
             return self.write_summary()

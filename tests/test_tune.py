@@ -168,3 +168,13 @@ def test_a_trial_the_scheduler_stopped_replays_even_without_its_checkpoint(tmp_p
     assert len(reports) == 2 and run_dir.exists()
     assert not (tmp_path / "run.log").exists()
     assert tune.trial_status(tmp_path)[0] == "stopped early"
+
+
+def test_a_trial_stops_once_another_solved_the_cell_in_fewer_steps():
+    stop = tune.StopWhenOutrun()
+    assert not stop("a", {"best_score": 90.0, "step": 500})
+    assert not stop("b", {"best_score": 100.0, "step": 800})  # solved: ends by itself
+    assert not stop("a", {"best_score": 95.0, "step": 700})  # may still solve it in fewer steps
+    assert stop("a", {"best_score": 95.0, "step": 800})
+    assert not stop("c", {"best_score": 100.0, "step": 600})
+    assert stop("a", {"best_score": 99.0, "step": 650})  # c was faster
