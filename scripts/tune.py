@@ -274,7 +274,8 @@ class Cell:
                           "hidden_size/n_head": unique([h["hidden_size"], h["n_head"]] for h in self.space),
                           "batch_size": BATCH_SIZE, "ff_factor": FF_FACTOR, "epoch_cap": self.args.epoch_cap,
                           "scheduler": f"ASHA on best mean(valid, valid2) per epoch, grace {ASHA_GRACE_EPOCHS} "
-                                       f"epochs, reduction factor {ASHA_REDUCTION}"},
+                                       f"epochs, reduction factor {ASHA_REDUCTION}; a trial also stops once "
+                                       f"another has reached 100 % in fewer steps"},
                 "trials": trials, "best": best and best["name"], "seeds": seeds}
 
     def write_summary(self):
