@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES  # noqa: E402
+from sweep import run_dirs  # noqa: E402  (scripts/ is on sys.path when this file runs)
 
 # The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
 MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
@@ -127,8 +128,8 @@ SEARCH_FILE = "search.md"
 
 
 def latest_run(trial_folder):
-    dirs = [d for d in trial_folder.iterdir() if (d / "args.json").is_file()] if trial_folder.is_dir() else []
-    return read_run(max(dirs, key=lambda d: (d / "args.json").stat().st_mtime)) if dirs else None
+    dirs = run_dirs(trial_folder)
+    return read_run(dirs[-1]) if dirs else None
 
 
 def collect_search(root):

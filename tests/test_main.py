@@ -220,16 +220,23 @@ def test_data_order_is_the_original_dataloader_order(tmp_path, tiny_data, monkey
     assert trained == original_batches(seed=7, num_lines=48, batch_size=8, report_every=4, num_epoch=3)
 
 
-def test_missing_task_directory_is_generated(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def tasks_generated(monkeypatch):
+    """Replaces data.write_task by a tiny parity writer (the real generators take too long for the default
+    suite); the list of the tasks it was asked for."""
     written = []
 
-    def tiny_writer(task, out_dir, seed=1, bins=1):  # the real generators take too long for the default suite
+    def tiny_writer(task, out_dir, seed=1, bins=1):
         written.append(task)
         write_tiny_parity(Path(out_dir))
 
     monkeypatch.setattr(main.data, "write_task", tiny_writer)
+    return written
+
+
+def test_missing_task_directory_is_generated(tmp_path, tasks_generated, capsys):
     code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
-    assert code == 0 and written == ["parity"]
+    assert code == 0 and tasks_generated == ["parity"]
     assert capsys.readouterr().out.count("generating") == 1
 
 
@@ -591,18 +598,11 @@ def test_log_and_final_json_say_which_path_computed_each_operator(tmp_path, tiny
     assert (run_dir / "log.txt").read_text().count(f"Operator delta_net: {path}") == 1
 
 
-def test_empty_data_folder_named_after_a_task_is_generated(tmp_path, monkeypatch):
+def test_empty_data_folder_named_after_a_task_is_generated(tmp_path, tasks_generated):
     """An empty folder (left by an older, non-atomic generation) counts as missing."""
-    written = []
-
-    def tiny_writer(task, out_dir, seed=1, bins=1):
-        written.append(task)
-        write_tiny_parity(Path(out_dir))
-
-    monkeypatch.setattr(main.data, "write_task", tiny_writer)
     (tmp_path / "data" / "parity").mkdir(parents=True)
     code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
-    assert code == 0 and written == ["parity"]
+    assert code == 0 and tasks_generated == ["parity"]
 
 
 def test_sigint_closes_wandb_with_the_exit_code(tmp_path, tiny_data, monkeypatch):
