@@ -72,6 +72,30 @@ def train_step_parts(model, optimizer, split, indices, pad):
     return t_fwd, t_bwd, t_opt
 
 
+def step_flops(model, split, indices, pad):
+    """Floating-point operations of the matrix products (mm, addmm, bmm, ..., the LSTM's gates) of one forward +
+    backward; the fused fast-weight operators and element-wise work are not included."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    lstm_flops = []
+
+    def count_lstm(module, inputs, _output):
+        # nn.LSTM runs as one ATen op that the counter does not see into; per token and layer its products are
+        # 2 * 4H * (input + H) forward and twice that backward.
+        tokens = inputs[0].numel() // module.input_size
+        for layer in range(module.num_layers):
+            width = module.input_size if layer == 0 else module.hidden_size
+            lstm_flops.append(3 * 2 * 4 * module.hidden_size * (width + module.hidden_size) * tokens)
+    hooks = [m.register_forward_hook(count_lstm) for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    length = int(split.lengths[indices].max())
+    with counter:
+        sequence_loss(model(split.src[indices, :length]), split.tgt[indices, :length], pad).backward()
+    for hook in hooks:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() + sum(lstm_flops)
+
+
 def bench_model(model_type, flags, dataset, args, batches):
     parsed = train_main.build_parser().parse_args(flags)
     torch.manual_seed(1)
@@ -83,13 +107,14 @@ def bench_model(model_type, flags, dataset, args, batches):
         train_step_parts(model, optimizer, train, indices, dataset.tgt_pad)
     parts = [train_step_parts(model, optimizer, train, indices, dataset.tgt_pad) for indices in batches[2:]]
     fwd, bwd, opt = (statistics.mean(p[i] for p in parts) for i in range(3))
+    flops = statistics.mean(step_flops(model, train, indices, dataset.tgt_pad) for indices in batches[2:])
     step = fwd + bwd + opt
     batches_per_epoch = math.ceil(len(train) / parsed.batch_size)
     evaluations = (math.ceil(batches_per_epoch / args.report_every) if args.report_every > 0 else 0) + 1
     t_eval = min(timed(lambda: [evaluate(model, dataset.splits[name], dataset.tgt_pad, EVAL_BATCH_SIZE)
                                 for name in ("valid", "test")])[0] for _ in range(args.eval_repeats))
     return {"name": MODEL_NAMES[model_type], "type": model_type, "step": step, "fwd": fwd, "bwd": bwd, "opt": opt,
-            "train_epoch": step * batches_per_epoch, "eval": t_eval, "eval_epoch": t_eval * evaluations,
+            "train_epoch": step * batches_per_epoch, "eval": t_eval, "eval_epoch": t_eval * evaluations, "flops": flops,
             "evaluations": evaluations, "batches": batches_per_epoch, "model": model, "optimizer": optimizer}
 
 
@@ -139,10 +164,10 @@ def main(argv=None):
           f"{batch_size}, valid {len(dataset.splits['valid'])} + test {len(dataset.splits['test'])} lines per "
           f"evaluation; 1 thread, CPU time{', denormals flushed' if args.flush_denormal else ''}")
     print(f"CPU: {cpu_description()}; fused kernels: {isa}; ATen: {torch.backends.cpu.get_cpu_capability()}\n")
-    print("| model | step (ms) | forward | backward | optimizer | x LSTM step | train s/epoch | eval s (valid+test) "
-          "| evals/epoch | eval s/epoch |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    results, lstm_step = [], None
+    print("| model | step (ms) | forward | backward | optimizer | x LSTM step | matmul GFLOP/step | x LSTM GFLOP "
+          "| GFLOP/s | train s/epoch | eval s (valid+test) | evals/epoch | eval s/epoch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results, lstm = [], None
     for model_type in args.models:
         if model_type not in configs:
             print(f"| {MODEL_NAMES.get(model_type, model_type)} | no hparams.csv row for {args.task} |")
@@ -150,10 +175,11 @@ def main(argv=None):
         r = bench_model(model_type, configs[model_type], dataset, args, batches)
         results.append(r)
         if model_type == 0:
-            lstm_step = r["step"]
-        ratio = f"{r['step'] / lstm_step:.2f}x" if lstm_step else "n/a"
+            lstm = r
+        step_ratio, flop_ratio = (f"{r[key] / lstm[key]:.2f}x" if lstm else "n/a" for key in ("step", "flops"))
         print(f"| {r['name']} ({model_type}) | {r['step'] * 1e3:.1f} | {r['fwd'] * 1e3:.1f} | {r['bwd'] * 1e3:.1f} | "
-              f"{r['opt'] * 1e3:.1f} | {ratio} | {r['train_epoch']:.1f} | {r['eval']:.2f} | {r['evaluations']} | "
+              f"{r['opt'] * 1e3:.1f} | {step_ratio} | {r['flops'] / 1e9:.2f} | {flop_ratio} | "
+              f"{r['flops'] / r['step'] / 1e9:.0f} | {r['train_epoch']:.1f} | {r['eval']:.2f} | {r['evaluations']} | "
               f"{r['eval_epoch']:.1f} |", flush=True)
 
     if args.profile:

@@ -342,6 +342,8 @@ def parse_args(argv):
                         help="hidden sizes and heads to try, e.g. 64x4 128x8 (default: see above)")
     parser.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
     parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per trial")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="trials at a time on the local Ray instance (default: one per --cpus_per_run CPUs)")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their trials; run nothing")
     args = parser.parse_args(argv)
     if args.widths is not None:
@@ -350,8 +352,10 @@ def parse_args(argv):
             assert all(len(w) == 2 and w[0] >= 1 and w[1] >= 1 and w[0] % w[1] == 0 for w in args.widths)
         except (ValueError, AssertionError):
             parser.error("--widths takes HIDDENxHEADS pairs with HIDDEN divisible by HEADS, e.g. 64x4")
-    if args.epoch_cap < 1 or args.cpus_per_run < 1:
-        parser.error("--epoch_cap and --cpus_per_run must be at least 1")
+    if args.epoch_cap < 1 or args.cpus_per_run < 1 or (args.parallel is not None and args.parallel < 1):
+        parser.error("--epoch_cap, --cpus_per_run and --parallel must be at least 1")
+    if args.parallel is not None and args.address:
+        parser.error("--parallel sizes the local Ray instance; with --address the cluster decides")
     args.work_dir, args.data_root = Path(args.work_dir).resolve(), Path(args.data_root).resolve()
     return args
 
@@ -379,7 +383,8 @@ def main(argv=None):
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     own_instance = not ray.is_initialized()
     if own_instance:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        num_cpus = None if args.parallel is None else args.parallel * args.cpus_per_run
+        ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # after ray.init, which installs its own
     try:
         for task in args.tasks:
