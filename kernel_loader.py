@@ -237,7 +237,11 @@ def load_source(ext_name, source, device_type):
                       file=sys.stderr, flush=True)
             # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP.
             openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-            return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=["-O3"] + openmp,
+            # Without -fno-trapping-math GCC may not if-convert the element-wise exp/tanh loops for AVX2 (it will not
+            # evaluate a division that the source only reaches on one branch), and they stay scalar. The kernels
+            # never read floating-point exception flags, and IEEE rounding is unchanged.
+            cflags = ["-O3", "-fno-trapping-math"] + openmp
+            return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=cflags,
                                       extra_ldflags=openmp, extra_cuda_cflags=["-O3"], build_directory=build_dir,
                                       verbose=False)
     except _CacheUnusable as exc:

@@ -187,21 +187,9 @@ FWP_INLINE void backward_item(const T* grad_out, const T* out, const T* h0, cons
     const T d_beta = dot(du, diff, D);
     for (int64_t m = 0; m < D; ++m) dv[m] = beta * du[m];
     // dq = W_t @ g = W_prev @ g + k (u . g), and dk gets -W_prev @ dv: sums of the rows of W_prev^T.
-    for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-      constexpr int64_t w = decltype(width)::value;
-      T dq_acc[w] = {}, dk_acc[w] = {};
-      for (int64_t m = 0; m < D; ++m) {
-        const T g_m = g[m], dv_m = dv[m];
-        const T* row = W_T_prev + m * D_pad + col;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          dq_acc[j] += g_m * row[j];
-          dk_acc[j] += dv_m * row[j];
-        }
-      }
-      copy_block<w>(dq_acc, dq + col);
-      copy_block<w>(dk_acc, dk_from_W + col);
-    });
+    std::fill(dq, dq + D_pad, T(0));
+    std::fill(dk_from_W, dk_from_W + D_pad, T(0));
+    add_vecs_mat<Bytes, 2, T>({g, dv}, W_T_prev, D, D_pad, {dq, dk_from_W});
     const T u_dot_g = dot(u, g, D);
     for (int64_t e = 0; e < D; ++e) {
       dq[e] += k[e] * u_dot_g;
@@ -219,21 +207,25 @@ FWP_INLINE void backward_item(const T* grad_out, const T* out, const T* h0, cons
     std::copy(dv, dv + D, dz_t + 2 * D);
     dz_t[3 * D] = d_beta * beta * (T(1) - beta);
     // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
-    for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-      constexpr int64_t w = decltype(width)::value;
-      T ds_acc[w] = {};
-      for (int64_t n = 0; n < N; ++n) {
-        const T dz_n = dz_t[n];
-        const T* row = R_cat_T + n * D_pad + col;
-        T* d_row = dR_cat_T + n * D_pad + col;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          ds_acc[j] += dz_n * row[j];
-          d_row[j] += dz_n * s[col + j];
+    {
+      using V = typename fwp::Simd<T, Bytes>::vec;
+      constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
+      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+        constexpr int64_t nv = decltype(width)::value / vw;
+        V ds_acc[nv], s_v[nv];
+        FWP_FOR_VECTORS(i, nv) { ds_acc[i] = V{}; s_v[i] = load_vector<V>(s + col + i * vw); }
+        for (int64_t n = 0; n < N; ++n) {
+          const T dz_n = dz_t[n];
+          const T* row = R_cat_T + n * D_pad + col;
+          T* d_row = dR_cat_T + n * D_pad + col;
+          FWP_FOR_VECTORS(i, nv) {
+            ds_acc[i] += dz_n * load_vector<V>(row + i * vw);
+            store_vector(d_row + i * vw, load_vector<V>(d_row + i * vw) + dz_n * s_v[i]);
+          }
         }
-      }
-      copy_block<w>(ds_acc, ds + col);
-    });
+        FWP_FOR_VECTORS(i, nv) store_vector(ds + col + i * vw, ds_acc[i]);
+      });
+    }
     for (int64_t d = 0; d < D; ++d) ds[d] *= T(1) - s[d] * s[d];  // s = tanh(out_{t-1})
   });
 }

@@ -158,31 +158,6 @@ FWP_INLINE void for_column_blocks(int64_t cols, Block&& block) {
   }
 }
 
-// Copies one column block to or from an accumulator array. A loop, not std::copy: a library call takes the
-// array's address and makes the compiler keep the accumulators in memory instead of registers.
-template <int64_t w, typename T>
-FWP_INLINE void copy_block(const T* from, T* to) {
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) to[j] = from[j];
-}
-
-// y += x @ M for M (rows, cols) with row stride cols
-template <int Bytes, typename T>
-FWP_INLINE void add_vec_mat(const T* x, const T* M, int64_t rows, int64_t cols, T* y) {
-  for_column_blocks<Bytes, T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
-    constexpr int64_t w = decltype(width)::value;
-    T acc[w];
-    copy_block<w>(y + c, acc);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T x_r = x[r];
-      const T* row = M + r * cols + c;
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) acc[j] += x_r * row[j];
-    }
-    copy_block<w>(acc, y + c);
-  });
-}
-
 // ---- The recurrence ---------------------------------------------------------------------------------------------
 // Steps between checkpoints: as many as the backward's rebuilt matrices fit in kRebuildBytes (half of this
 // machine's 2 MB L2; in L3 on CPUs with smaller L2, still read in order). Fewer checkpoints mean less memory to
@@ -271,6 +246,32 @@ FWP_INLINE T lane_sum(const V& x) {
 // see for_column_blocks) in registers; written with vector types and fully unrolled loops because GCC keeps a
 // scalar accumulator array that is also read and written through row pointers in memory (on the stack) instead.
 #define FWP_FOR_VECTORS(i, n) _Pragma("GCC unroll 4") for (int64_t i = 0; i < (n); ++i)
+
+// y[k] += x[k] @ M for k < K (M: rows x cols, row stride cols, cols a multiple of kVector<T>): K products that share
+// their pass over M.
+template <int Bytes, int K, typename T>
+FWP_INLINE void add_vecs_mat(const T* const (&x)[K], const T* M, int64_t rows, int64_t cols, T* const (&y)[K]) {
+  using V = typename fwp::Simd<T, Bytes>::vec;
+  constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
+  for_column_blocks<Bytes, T>(cols, [&](int64_t c, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t n = decltype(width)::value / vw;
+    V acc[K][n];
+    FWP_FOR_VECTORS(k, K) FWP_FOR_VECTORS(i, n) acc[k][i] = load_vector<V>(y[k] + c + i * vw);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = M + r * cols + c;
+      FWP_FOR_VECTORS(i, n) {
+        const V m = load_vector<V>(row + i * vw);
+        FWP_FOR_VECTORS(k, K) acc[k][i] += x[k][r] * m;
+      }
+    }
+    FWP_FOR_VECTORS(k, K) FWP_FOR_VECTORS(i, n) store_vector(y[k] + c + i * vw, acc[k][i]);
+  });
+}
+
+template <int Bytes, typename T>
+FWP_INLINE void add_vec_mat(const T* x, const T* M, int64_t rows, int64_t cols, T* y) {
+  add_vecs_mat<Bytes, 1, T>({x}, M, rows, cols, {y});
+}
 
 // The update pass of both forwards: W (rows x cols, row stride cols, cols a multiple of kVector<T>) +=
 // outer(k, u), and in the same pass, with the updated W, result = a @ W with a[e] = read_coefficient(e).
