@@ -360,6 +360,12 @@ def parse_args(argv):
     return args
 
 
+def start_ray(ray, args):
+    """A local Ray instance with CPUs for --parallel trials (all of the machine's by default), or --address's."""
+    num_cpus = None if args.parallel is None else args.parallel * args.cpus_per_run
+    ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
@@ -383,8 +389,7 @@ def main(argv=None):
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     own_instance = not ray.is_initialized()
     if own_instance:
-        num_cpus = None if args.parallel is None else args.parallel * args.cpus_per_run
-        ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        start_ray(ray, args)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # after ray.init, which installs its own
     try:
         for task in args.tasks:

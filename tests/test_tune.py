@@ -178,3 +178,21 @@ def test_a_trial_stops_once_another_solved_the_cell_in_fewer_steps():
     assert stop("a", {"best_score": 95.0, "step": 800})
     assert not stop("c", {"best_score": 100.0, "step": 600})
     assert stop("a", {"best_score": 99.0, "step": 650})  # c was faster
+
+
+@pytest.mark.parametrize("flags", [["--parallel", "0"], ["--parallel", "2", "--address", "auto"]])
+def test_parallel_must_be_positive_and_only_sizes_a_local_instance(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.parse_args(flags)
+    assert exit_info.value.code == 2 and "--parallel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, num_cpus", [([], None), (["--parallel", "3", "--cpus_per_run", "2"], 6)])
+def test_parallel_sizes_the_local_ray_instance(flags, num_cpus):
+    class RecordingRay:
+        def init(self, **kwargs):
+            self.kwargs = kwargs
+
+    ray = RecordingRay()
+    tune.start_ray(ray, tune.parse_args(flags))
+    assert ray.kwargs["num_cpus"] == num_cpus and ray.kwargs["address"] is None
