@@ -138,6 +138,33 @@ struct BackwardScratch {
   }
 };
 
+// ds = dz @ M and dM += outer(dz, s) in one pass over the rows of M and dM (rows x cols, cols a multiple of
+// kVector<T>); the ds accumulators stay in registers while the rows stream through.
+template <int Bytes, typename T>
+FWP_INLINE void project_and_add_outer(const T* dz, const T* M, int64_t rows, int64_t cols, const T* s, T* ds,
+                                      T* dM) {
+  using V = typename fwp::Simd<T, Bytes>::vec;
+  constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
+  for_column_blocks<Bytes, T>(cols, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
+    constexpr int64_t n = decltype(width)::value / vw;
+    V ds_acc[n], s_v[n];
+    FWP_FOR_VECTORS(i, n) {
+      ds_acc[i] = V{};
+      s_v[i] = load_vector<V>(s + col + i * vw);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T dz_r = dz[r];
+      const T* row = M + r * cols + col;
+      T* d_row = dM + r * cols + col;
+      FWP_FOR_VECTORS(i, n) {
+        ds_acc[i] += dz_r * load_vector<V>(row + i * vw);
+        store_vector(d_row + i * vw, load_vector<V>(d_row + i * vw) + dz_r * s_v[i]);
+      }
+    }
+    FWP_FOR_VECTORS(i, n) store_vector(ds + col + i * vw, ds_acc[i]);
+  });
+}
+
 // dz_out receives, per step, [d qx_t | d kx_t | d vx_t | d bx_t] (N). R_cat_T is (N, D_pad): R_cat transposed, so
 // the gradient flowing back into s is a sum of rows; this item's share of its gradient is added to dR_cat_T
 // (N, D_pad).
@@ -207,25 +234,7 @@ FWP_INLINE void backward_item(const T* grad_out, const T* out, const T* h0, cons
     std::copy(dv, dv + D, dz_t + 2 * D);
     dz_t[3 * D] = d_beta * beta * (T(1) - beta);
     // ... and through z = x_cat + s @ R_cat to s (ds = R_cat @ dz) and R_cat (dR_cat += outer(s, dz)).
-    {
-      using V = typename fwp::Simd<T, Bytes>::vec;
-      constexpr int64_t vw = fwp::Simd<T, Bytes>::width;
-      for_column_blocks<Bytes, T>(D_pad, [&](int64_t col, auto width) FWP_LAMBDA_INLINE {
-        constexpr int64_t nv = decltype(width)::value / vw;
-        V ds_acc[nv], s_v[nv];
-        FWP_FOR_VECTORS(i, nv) { ds_acc[i] = V{}; s_v[i] = load_vector<V>(s + col + i * vw); }
-        for (int64_t n = 0; n < N; ++n) {
-          const T dz_n = dz_t[n];
-          const T* row = R_cat_T + n * D_pad + col;
-          T* d_row = dR_cat_T + n * D_pad + col;
-          FWP_FOR_VECTORS(i, nv) {
-            ds_acc[i] += dz_n * load_vector<V>(row + i * vw);
-            store_vector(d_row + i * vw, load_vector<V>(d_row + i * vw) + dz_n * s_v[i]);
-          }
-        }
-        FWP_FOR_VECTORS(i, nv) store_vector(ds + col + i * vw, ds_acc[i]);
-      });
-    }
+    project_and_add_outer<Bytes>(dz_t, R_cat_T, N, D_pad, s, ds, dR_cat_T);
     for (int64_t d = 0; d < D; ++d) ds[d] *= T(1) - s[d] * s[d];  // s = tanh(out_{t-1})
   });
 }
