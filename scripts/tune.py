@@ -13,7 +13,8 @@ so far at each of main.py's evaluations, and ASHA stops the weaker trials of a c
 third); a trial also stops once another one of its cell has reached 100 % in fewer steps (it can no longer be
 chosen); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
 best trial's configuration train to the end, without early stopping (the paper reports seed 1; the two others
-show how robust the configuration is).
+show how robust the configuration is); they run alongside the next cell's search, and a cell's summary line is
+printed when its seeds have ended.
 
 Layout: `<work_dir>/<task>/<model-slug>/<trial>/` per trial (trial `lr1e-3-l2-h64-n4-seed1`) with main.py's run
 directory and `run.log`; `<work_dir>/<task>/<model-slug>/search.json` sums the cell up (space, every trial's
@@ -107,6 +108,8 @@ def run_trial(tune_config):
     from ray import tune
 
     config = tune_config["trial"]
+    # Seed runs go through Ray as plain tasks (see Seeds), outside a Tune session: nothing to report to.
+    report = tune.report if tune_config.get("report", True) else (lambda metrics: None)
     folder = Path(config["folder"])
     folder.mkdir(parents=True, exist_ok=True)
     state = {"reported": 0, "best": 0.0}
@@ -127,7 +130,7 @@ def run_trial(tune_config):
             state["reported"] += 1
             score = (record["valid_acc"] + record["valid2_acc"]) / 2
             state["best"] = max(state["best"], score)
-            tune.report({"best_score": state["best"], "score": score, "valid_acc": record["valid_acc"],
+            report({"best_score": state["best"], "score": score, "valid_acc": record["valid_acc"],
                          "valid2_acc": record["valid2_acc"], "step": record["step"],
                          "epochs": record["step"] / config["batches_per_epoch"]})
 
@@ -216,8 +219,6 @@ def short_trial_name(trial):
 
 def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None):
     """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed."""
-    from ray import cloudpickle
-    cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
     tuner = tune.Tuner(tune.with_resources(run_trial, resources),
                        param_space={"trial": tune.grid_search(trials)},
                        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False,
@@ -298,12 +299,52 @@ class Cell:
         run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha,
                   StopWhenOutrun())
         best = self.write_summary()["best"]
-        if best is None:
-            return self.write_summary()
-        hparams = next(h for h in self.space if trial_name(h, SEARCH_SEED) == best)
-        run_tuner(tune, [self.trial(hparams, seed) for seed in ROBUSTNESS_SEEDS], resources, f"{name}-seeds",
-                  storage, None)
-        return self.write_summary()
+        return None if best is None else next(h for h in self.space if trial_name(h, SEARCH_SEED) == best)
+
+    def seed_trials(self, hparams):
+        return [self.trial(hparams, seed) for seed in ROBUSTNESS_SEEDS]
+
+
+class Seeds:
+    """The seed runs of finished searches, as plain Ray tasks that need no scheduler. They run while the next
+    cell's search goes on: a cell's last seed run would otherwise hold up every other CPU until it ends."""
+
+    def __init__(self, ray, cpus_per_run):
+        self.ray = ray
+        self.remote_trial = ray.remote(num_cpus=cpus_per_run)(run_trial)
+        self.pending = []  # (cell, start time, trials, task references)
+
+    def start(self, cell, hparams, started):
+        trials = cell.seed_trials(hparams)
+        refs = [self.remote_trial.remote({"trial": trial, "report": False}) for trial in trials]
+        self.pending.append((cell, started, trials, refs))
+
+    def finish(self, wait):
+        """Writes and prints the summary of every cell whose seed runs have ended (of all cells when `wait`)."""
+        still_running = []
+        for cell, started, trials, refs in self.pending:
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+            if len(ready) < len(refs):
+                still_running.append((cell, started, trials, refs))
+                continue
+            for trial, ref in zip(trials, refs):
+                try:
+                    self.ray.get(ref)
+                except Exception as exc:  # main.py failed: say so and go on; a relaunch resumes the run
+                    print(f"warning: trial {Path(trial['folder']).name} failed in Ray: "
+                          f"{str(exc).strip().splitlines()[-1]}", flush=True)
+            print_cell(cell.write_summary(), started)
+        self.pending = still_running
+
+    def cancel(self):
+        """Interrupts the running seed tasks; run_trial then stops its main.py with SIGTERM, which checkpoints."""
+        for _, _, _, refs in self.pending:
+            for ref in refs:
+                self.ray.cancel(ref)
+
+
+def print_cell(summary, started):
+    print(f"{describe(summary)} [{(time.time() - started) / 60:.1f} min]", flush=True)
 
 
 def describe(summary):
@@ -391,14 +432,24 @@ def main(argv=None):
     if own_instance:
         start_ray(ray, args)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # after ray.init, which installs its own
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
+    seeds = Seeds(ray, args.cpus_per_run)
     try:
         for task in args.tasks:
             batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
             for model_type in args.models:
                 started = time.time()
-                summary = Cell(args, task, model_type, batches).run(tune)
-                print(f"{describe(summary)} [{(time.time() - started) / 60:.1f} min]", flush=True)
+                cell = Cell(args, task, model_type, batches)
+                best = cell.run(tune)
+                if best is None:
+                    print_cell(cell.write_summary(), started)
+                else:
+                    seeds.start(cell, best, started)
+                seeds.finish(wait=False)
+        seeds.finish(wait=True)
     except KeyboardInterrupt:
+        seeds.cancel()  # their main.py runs get SIGTERM and checkpoint
         print("Interrupted: the running trials checkpoint and stop; run the same command again to continue.",
               file=sys.stderr, flush=True)
         return 130

@@ -196,3 +196,73 @@ def test_parallel_sizes_the_local_ray_instance(flags, num_cpus):
     ray = RecordingRay()
     tune.start_ray(ray, tune.parse_args(flags))
     assert ray.kwargs["num_cpus"] == num_cpus and ray.kwargs["address"] is None
+
+
+class FakeRay:
+    """Enough of Ray for tune.Seeds: tasks end when the test says so, and may fail."""
+
+    def __init__(self):
+        self.started, self.done, self.failed, self.cancelled = [], set(), set(), set()
+
+    def remote(self, num_cpus):
+        fake = self
+
+        class Task:
+            def __init__(self, fn):
+                self.num_cpus = num_cpus
+
+            def remote(self, config):
+                fake.started.append((self.num_cpus, config))
+                return len(fake.started) - 1
+
+        return Task
+
+    def wait(self, refs, num_returns, timeout):
+        ready = [r for r in refs if r in self.done]
+        return ready, [r for r in refs if r not in self.done]
+
+    def get(self, ref):
+        if ref in self.failed:
+            raise RuntimeError("Traceback ...\nmain.py exited with status 1")
+
+    def cancel(self, ref):
+        self.cancelled.add(ref)
+
+
+class FakeCell:
+    def __init__(self, folder):
+        self.folder, self.summaries = folder, 0
+
+    def seed_trials(self, hparams):
+        return [{"folder": str(self.folder / f"{hparams}-seed{seed}")} for seed in tune.ROBUSTNESS_SEEDS]
+
+    def write_summary(self):
+        self.summaries += 1
+        return {"task": "parity", "model": "LSTM", "trials": [], "best": None, "seeds": []}
+
+
+def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they_end(tmp_path, capsys):
+    ray, cell = FakeRay(), FakeCell(tmp_path)
+    seeds = tune.Seeds(ray, cpus_per_run=2)
+    seeds.start(cell, "lr1e-3", started=0.0)
+    assert [(cpus, config["report"], Path(config["trial"]["folder"]).name) for cpus, config in ray.started] == [
+        (2, False, "lr1e-3-seed2"), (2, False, "lr1e-3-seed3")]
+
+    ray.done.add(0)
+    seeds.finish(wait=False)  # seed 3 still running: the search goes on, nothing is summed up yet
+    assert cell.summaries == 0 and capsys.readouterr().out == ""
+
+    ray.done.add(1)
+    ray.failed.add(1)
+    seeds.finish(wait=False)
+    out = capsys.readouterr().out
+    assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
+    assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
+
+
+def test_an_interrupt_cancels_the_running_seed_runs(tmp_path):
+    ray = FakeRay()
+    seeds = tune.Seeds(ray, cpus_per_run=1)
+    seeds.start(FakeCell(tmp_path), "lr3e-3", started=0.0)
+    seeds.cancel()
+    assert ray.cancelled == {0, 1}
