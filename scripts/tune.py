@@ -307,7 +307,10 @@ class Cell:
 
 class Seeds:
     """The seed runs of finished searches, as plain Ray tasks that need no scheduler. They run while the next
-    cell's search goes on: a cell's last seed run would otherwise hold up every other CPU until it ends."""
+    cell's search goes on: a cell's last seed run would otherwise hold up every other CPU until it ends.
+    An interrupt needs nothing from here. When the driver ends, Ray ends the workers, and each main.py gets one
+    SIGTERM (PR_SET_PDEATHSIG, see run_trial) and checkpoints; cancelling the tasks first would send it a second
+    one, which stops main.py without saving."""
 
     def __init__(self, ray, cpus_per_run):
         self.ray = ray
@@ -335,12 +338,6 @@ class Seeds:
                           f"{str(exc).strip().splitlines()[-1]}", flush=True)
             print_cell(cell.write_summary(), started)
         self.pending = still_running
-
-    def cancel(self):
-        """Interrupts the running seed tasks; run_trial then stops its main.py with SIGTERM, which checkpoints."""
-        for _, _, _, refs in self.pending:
-            for ref in refs:
-                self.ray.cancel(ref)
 
 
 def print_cell(summary, started):
@@ -449,7 +446,6 @@ def main(argv=None):
                 seeds.finish(wait=False)
         seeds.finish(wait=True)
     except KeyboardInterrupt:
-        seeds.cancel()  # their main.py runs get SIGTERM and checkpoint
         print("Interrupted: the running trials checkpoint and stop; run the same command again to continue.",
               file=sys.stderr, flush=True)
         return 130

@@ -202,7 +202,7 @@ class FakeRay:
     """Enough of Ray for tune.Seeds: tasks end when the test says so, and may fail."""
 
     def __init__(self):
-        self.started, self.done, self.failed, self.cancelled = [], set(), set(), set()
+        self.started, self.done, self.failed = [], set(), set()
 
     def remote(self, num_cpus):
         fake = self
@@ -224,9 +224,6 @@ class FakeRay:
     def get(self, ref):
         if ref in self.failed:
             raise RuntimeError("Traceback ...\nmain.py exited with status 1")
-
-    def cancel(self, ref):
-        self.cancelled.add(ref)
 
 
 class FakeCell:
@@ -259,10 +256,3 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
-
-def test_an_interrupt_cancels_the_running_seed_runs(tmp_path):
-    ray = FakeRay()
-    seeds = tune.Seeds(ray, cpus_per_run=1)
-    seeds.start(FakeCell(tmp_path), "lr3e-3", started=0.0)
-    seeds.cancel()
-    assert ray.cancelled == {0, 1}
