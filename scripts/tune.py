@@ -131,8 +131,8 @@ def run_trial(tune_config):
             score = (record["valid_acc"] + record["valid2_acc"]) / 2
             state["best"] = max(state["best"], score)
             report({"best_score": state["best"], "score": score, "valid_acc": record["valid_acc"],
-                         "valid2_acc": record["valid2_acc"], "step": record["step"],
-                         "epochs": record["step"] / config["batches_per_epoch"]})
+                    "valid2_acc": record["valid2_acc"], "step": record["step"],
+                    "epochs": record["step"] / config["batches_per_epoch"]})
 
     run_dir = latest_run_dir()
     if (folder / config["stopped_marker"]).is_file() or (run_dir is not None and (run_dir / "final.json").is_file()):
@@ -287,7 +287,8 @@ class Cell:
         tmp.replace(self.folder / SUMMARY_FILE)
         return summary
 
-    def run(self, tune):
+    def search(self, tune):
+        """Runs (or replays) the cell's trials and writes its summary; the chosen hparams, or None."""
         from ray.tune.schedulers import ASHAScheduler
 
         resources = {"cpu": self.args.cpus_per_run}
@@ -438,7 +439,7 @@ def main(argv=None):
             for model_type in args.models:
                 started = time.time()
                 cell = Cell(args, task, model_type, batches)
-                best = cell.run(tune)
+                best = cell.search(tune)
                 if best is None:
                     print_cell(cell.write_summary(), started)
                 else:
