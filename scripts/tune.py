@@ -23,6 +23,7 @@ ended: finished trials and those the scheduler stopped (marked by `stopped_by_sc
 metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.pt.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,6 +52,8 @@ SUMMARY_FILE = "search.json"
 # Written into a trial folder when the scheduler has stopped the trial: its decision is final, so a relaunch (or a
 # fresh clone, which has no checkpoints) replays the trial instead of training it again.
 STOPPED_MARKER = "stopped_by_scheduler.json"
+# Holds the process id of the trial's main.py while it runs, so that an interrupted search can stop it cleanly.
+PID_FILE = "main.pid"
 
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
@@ -152,6 +155,8 @@ def run_trial(tune_config):
         log.flush()
         proc = subprocess.Popen(command, cwd=config["repo_root"], env=dict(os.environ, **config["env"]), stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=stop_with_parent)
+    pid_file = folder / config["pid_file"]
+    pid_file.write_text(f"{proc.pid}\n")
     try:
         while proc.poll() is None:
             time.sleep(1.0)
@@ -161,6 +166,7 @@ def run_trial(tune_config):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
+        pid_file.unlink(missing_ok=True)
     run_dir = latest_run_dir()
     if proc.returncode != 0 and not (run_dir is not None and (run_dir / "final.json").is_file()):
         # An error, not a scheduler's stop: Tune records it, and a relaunch resumes the trial.
@@ -250,7 +256,7 @@ class Cell:
     def trial(self, hparams, seed):
         folder = self.folder / trial_name(hparams, seed)
         return {"folder": str(folder), "batches_per_epoch": self.batches_per_epoch, "run_log": RUN_LOG,
-                "stopped_marker": STOPPED_MARKER,
+                "stopped_marker": STOPPED_MARKER, "pid_file": PID_FILE,
                 "train_script": str(TRAIN_SCRIPT), "repo_root": str(REPO_ROOT),
                 "env": thread_env(self.args.cpus_per_run),
                 "command": train_command(self.task, self.model_type, hparams, seed, self.args.epoch_cap,
@@ -309,9 +315,8 @@ class Cell:
 class Seeds:
     """The seed runs of finished searches, as plain Ray tasks that need no scheduler. They run while the next
     cell's search goes on: a cell's last seed run would otherwise hold up every other CPU until it ends.
-    An interrupt needs nothing from here. When the driver ends, Ray ends the workers, and each main.py gets one
-    SIGTERM (PR_SET_PDEATHSIG, see run_trial) and checkpoints; cancelling the tasks first would send it a second
-    one, which stops main.py without saving."""
+    An interrupt needs nothing from here: the driver's handler stops every trial's main.py (stop_running_trials)
+    before Ray ends the workers."""
 
     def __init__(self, ray, cpus_per_run):
         self.ray = ray
@@ -359,6 +364,44 @@ def describe(summary):
 
 def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def trial_process(pid_file):
+    """The pid in pid_file if it is still that trial's main.py (not a process that reused the number), else None."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if "main.py" in cmdline and str(pid_file.parent) in cmdline and state != "Z" else None
+
+
+def stop_running_trials(work_dir, timeout=120.0):
+    """Sends SIGTERM to the main.py of every trial running on this machine, and waits until they have saved and
+    exited. Left to Ray, they would be killed when the driver ends and lose the batches since their last
+    evaluation."""
+    pid_files = list(Path(work_dir).glob(f"*/*/*/{PID_FILE}"))
+    for pid_file in pid_files:
+        pid = trial_process(pid_file)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(trial_process(p) is not None for p in pid_files):
+        time.sleep(0.2)
+
+
+def stop_cleanly(work_dir):
+    """The handler of SIGINT and SIGTERM: the trials first, then the driver. A second signal stops the driver at
+    once."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+        print("Stopping: the running trials save their latest checkpoint...", file=sys.stderr, flush=True)
+        stop_running_trials(work_dir)
+        raise KeyboardInterrupt
+    return handler
 
 
 def count_lines(path):
@@ -429,7 +472,8 @@ def main(argv=None):
     own_instance = not ray.is_initialized()
     if own_instance:
         start_ray(ray, args)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # after ray.init, which installs its own
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(signum, stop_cleanly(args.work_dir))
     from ray import cloudpickle
     cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
     seeds = Seeds(ray, args.cpus_per_run)

@@ -101,7 +101,7 @@ def test_results_show_the_searched_cell(tiny_search, tmp_path):
 
 def fake_trial(folder, command):
     return {"trial": {"folder": str(folder), "batches_per_epoch": 6, "run_log": "run.log",
-                      "stopped_marker": tune.STOPPED_MARKER,
+                      "stopped_marker": tune.STOPPED_MARKER, "pid_file": tune.PID_FILE,
                       "train_script": str(tune.TRAIN_SCRIPT), "repo_root": str(REPO_ROOT), "env": {},
                       "command": command}}
 
@@ -256,3 +256,35 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
+
+
+def test_an_interrupt_lets_each_running_trial_save_and_leaves_other_processes_alone(tmp_path):
+    import subprocess
+    import textwrap
+    folder = tmp_path / "search" / "parity" / "lstm" / "lr1e-3-l1-h8-n1-seed1"
+    folder.mkdir(parents=True)
+    fake_main = tmp_path / "main.py"  # stands for main.py: saves on SIGTERM, then exits
+    fake_main.write_text(textwrap.dedent("""
+        import signal, sys, time
+        def save(signum, frame):
+            open(sys.argv[2] + "/saved", "w").close()
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, save)
+        print("ready", flush=True)
+        time.sleep(60)
+    """))
+    trial = subprocess.Popen([sys.executable, str(fake_main), "--work_dir", str(folder)], stdout=subprocess.PIPE)
+    assert trial.stdout.readline() == b"ready\n"
+    (folder / tune.PID_FILE).write_text(f"{trial.pid}\n")
+    # a stale pid file whose number now belongs to some other process
+    stranger = subprocess.Popen(["sleep", "60"])
+    other = tmp_path / "search" / "parity" / "lstm" / "lr3e-3-l1-h8-n1-seed1"
+    other.mkdir()
+    (other / tune.PID_FILE).write_text(f"{stranger.pid}\n")
+    try:
+        tune.stop_running_trials(tmp_path / "search", timeout=20)
+        assert trial.wait(timeout=5) == 143 and (folder / "saved").is_file()
+        assert stranger.poll() is None
+    finally:
+        trial.kill()
+        stranger.kill()
