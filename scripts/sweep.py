@@ -11,11 +11,13 @@ afresh. With --address, the repository and --work_dir must be at the same paths 
 file system), since runs are launched from there and write there.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +35,9 @@ HPARAM_COLUMNS = ("task", "model_type", "num_layer", "hidden_size", "n_head", "f
 # The sweep decides these per configuration; letting --extra change them would break the folder layout.
 MANAGED_FLAGS = ("--data_dir", "--work_dir", "--seed", "--resume")
 RUN_LOG = "run.log"
+# Holds the process id of a run's main.py while it runs, beside RUN_LOG, so that an interrupted sweep or search can
+# let it save before Ray ends the workers.
+PID_FILE = "main.pid"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.sh"
 RAY_MISSING = "sweep.py needs Ray, which is not installed: pip install -r requirements-sweep.txt"
 
@@ -180,10 +185,58 @@ def outcome(folder, returncode):
     return f"FAILED, {reason}: {last_line(log)} (log: {log})", True
 
 
-def launch(ray, jobs, cpus_per_run, address, total, done):
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def running_main_py(pid_file):
+    """The pid in pid_file if it is still the main.py of that folder (not a process that reused the number)."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if "main.py" in cmdline and str(pid_file.parent) in cmdline and state != "Z" else None
+
+
+def stop_runs(work_dir, pattern, timeout=120.0):
+    """Sends SIGTERM to the main.py of every run on this machine with a pid file under work_dir (glob `pattern`),
+    and waits until they have saved and exited. Left to Ray, they would be killed when the driver ends and lose the
+    batches since their last evaluation."""
+    pid_files = list(Path(work_dir).glob(pattern))
+    for pid_file in pid_files:
+        pid = running_main_py(pid_file)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(running_main_py(p) is not None for p in pid_files):
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def stopping_cleanly(work_dir, pattern):
+    """Inside: SIGINT and SIGTERM stop the runs first (see stop_runs), then the driver, by KeyboardInterrupt; a
+    second signal stops the driver at once. Install after ray.init, which sets handlers of its own."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+        print("Stopping: the running main.py processes save their latest checkpoint...", file=sys.stderr, flush=True)
+        stop_runs(work_dir, pattern)
+        raise KeyboardInterrupt
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def launch(ray, jobs, cpus_per_run, address, total, done, work_dir):
     """Run `jobs` [(config, folder, command)] as Ray tasks; print one progress line as each ends.
 
-    Returns the labels of the configurations that failed.
+    Returns the labels of the configurations that failed. Ctrl-C or SIGTERM lets the running main.py save first.
     """
     own_instance = not ray.is_initialized()
     if own_instance:
@@ -191,31 +244,38 @@ def launch(ray, jobs, cpus_per_run, address, total, done):
 
     # Defined here so that Ray ships it by value: workers need not be able to import this script.
     @ray.remote(num_cpus=cpus_per_run)
-    def run_logged(command, log_path, env_overrides, cwd):
+    def run_logged(command, log_path, pid_path, env_overrides, cwd):
         env = dict(os.environ, **env_overrides, PYTHON=sys.executable)  # the worker's interpreter runs main.py
         with open(log_path, "a") as log:
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
             log.flush()
-            return subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(pid_path, "w") as pid_file:
+            pid_file.write(f"{proc.pid}\n")
+        try:
+            return proc.wait()
+        finally:
+            os.remove(pid_path)
 
     env = thread_env(cpus_per_run)
     pending = {}
     for config, folder, command in jobs:
-        ref = run_logged.remote(command, str(folder / RUN_LOG), env, str(REPO_ROOT))
+        ref = run_logged.remote(command, str(folder / RUN_LOG), str(folder / PID_FILE), env, str(REPO_ROOT))
         pending[ref] = (config, folder)
     failed = []
     try:
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            config, folder = pending.pop(ref)
-            try:
-                status, is_failure = outcome(folder, ray.get(ref))
-            except ray.exceptions.RayError as exc:
-                status, is_failure = f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True
-            done += 1
-            print(f"[{done}/{total}] {config.label}: {status}", flush=True)
-            if is_failure:
-                failed.append(config.label)
+        with stopping_cleanly(work_dir, f"*/*/{PID_FILE}"):
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                config, folder = pending.pop(ref)
+                try:
+                    status, is_failure = outcome(folder, ray.get(ref))
+                except ray.exceptions.RayError as exc:
+                    status, is_failure = f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True
+                done += 1
+                print(f"[{done}/{total}] {config.label}: {status}", flush=True)
+                if is_failure:
+                    failed.append(config.label)
     finally:
         if own_instance:
             ray.shutdown()
@@ -281,7 +341,12 @@ def main(argv=None):
         return 0
 
     prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
-    failed = launch(ray, jobs, args.cpus_per_run, args.address, total, done)
+    try:
+        failed = launch(ray, jobs, args.cpus_per_run, args.address, total, done, work_dir)
+    except KeyboardInterrupt:
+        print("Interrupted: the running configurations saved their latest checkpoint; run the same command again "
+              "to continue.", file=sys.stderr, flush=True)
+        return 130
     print(f"{total - len(failed)} of {total} configurations finished; {len(failed)} failed"
           + (": " + "; ".join(failed) if failed else ""), flush=True)
     return 1 if failed else 0

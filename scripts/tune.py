@@ -23,19 +23,17 @@ ended: finished trials and those the scheduler stopped (marked by `stopped_by_sc
 metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.pt.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sweep import (REPO_ROOT, RUN_LOG, TRAIN_SCRIPT, SweepError, import_ray, prepare_data, run_dirs,  # noqa: E402
-                   thread_env)
+from sweep import (PID_FILE, REPO_ROOT, RUN_LOG, TRAIN_SCRIPT, SweepError, import_ray, prepare_data,  # noqa: E402
+                   run_dirs, stopping_cleanly, thread_env)
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, RNN_TYPES  # noqa: E402
 
@@ -52,8 +50,6 @@ SUMMARY_FILE = "search.json"
 # Written into a trial folder when the scheduler has stopped the trial: its decision is final, so a relaunch (or a
 # fresh clone, which has no checkpoints) replays the trial instead of training it again.
 STOPPED_MARKER = "stopped_by_scheduler.json"
-# Holds the process id of the trial's main.py while it runs, so that an interrupted search can stop it cleanly.
-PID_FILE = "main.pid"
 
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
@@ -315,7 +311,7 @@ class Cell:
 class Seeds:
     """The seed runs of finished searches, as plain Ray tasks that need no scheduler. They run while the next
     cell's search goes on: a cell's last seed run would otherwise hold up every other CPU until it ends.
-    An interrupt needs nothing from here: the driver's handler stops every trial's main.py (stop_running_trials)
+    An interrupt needs nothing from here: the driver's handler stops every trial's main.py (stop_runs)
     before Ray ends the workers."""
 
     def __init__(self, ray, cpus_per_run):
@@ -360,48 +356,6 @@ def describe(summary):
                           for s in summary["seeds"])
         line += f"; best {best['name']} ({best['best_score']:.1f} %); {seeds}"
     return line
-
-
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def trial_process(pid_file):
-    """The pid in pid_file if it is still that trial's main.py (not a process that reused the number), else None."""
-    try:
-        pid = int(pid_file.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if "main.py" in cmdline and str(pid_file.parent) in cmdline and state != "Z" else None
-
-
-def stop_running_trials(work_dir, timeout=120.0):
-    """Sends SIGTERM to the main.py of every trial running on this machine, and waits until they have saved and
-    exited. Left to Ray, they would be killed when the driver ends and lose the batches since their last
-    evaluation."""
-    pid_files = list(Path(work_dir).glob(f"*/*/*/{PID_FILE}"))
-    for pid_file in pid_files:
-        pid = trial_process(pid_file)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(trial_process(p) is not None for p in pid_files):
-        time.sleep(0.2)
-
-
-def stop_cleanly(work_dir):
-    """The handler of SIGINT and SIGTERM: the trials first, then the driver. A second signal stops the driver at
-    once."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, raise_keyboard_interrupt)
-        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-        print("Stopping: the running trials save their latest checkpoint...", file=sys.stderr, flush=True)
-        stop_running_trials(work_dir)
-        raise KeyboardInterrupt
-    return handler
 
 
 def count_lines(path):
@@ -472,26 +426,25 @@ def main(argv=None):
     own_instance = not ray.is_initialized()
     if own_instance:
         start_ray(ray, args)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
-        signal.signal(signum, stop_cleanly(args.work_dir))
     from ray import cloudpickle
     cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
     seeds = Seeds(ray, args.cpus_per_run)
     try:
-        for task in args.tasks:
-            batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
-            for model_type in args.models:
-                started = time.time()
-                cell = Cell(args, task, model_type, batches)
-                best = cell.search(tune)
-                if best is None:
-                    print_cell(cell.write_summary(), started)
-                else:
-                    seeds.start(cell, best, started)
-                seeds.finish(wait=False)
-        seeds.finish(wait=True)
+        with stopping_cleanly(args.work_dir, f"*/*/*/{PID_FILE}"):
+            for task in args.tasks:
+                batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
+                for model_type in args.models:
+                    started = time.time()
+                    cell = Cell(args, task, model_type, batches)
+                    best = cell.search(tune)
+                    if best is None:
+                        print_cell(cell.write_summary(), started)
+                    else:
+                        seeds.start(cell, best, started)
+                    seeds.finish(wait=False)
+            seeds.finish(wait=True)
     except KeyboardInterrupt:
-        print("Interrupted: the running trials checkpoint and stop; run the same command again to continue.",
+        print("Interrupted: the running trials saved their latest checkpoint; run the same command again to continue.",
               file=sys.stderr, flush=True)
         return 130
     finally:
