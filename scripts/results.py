@@ -122,6 +122,16 @@ class SearchCell:
         """Seed 1 and the robustness seeds, whether or not they have run yet."""
         return 1 + len(self.summary["seeds"])
 
+    @property
+    def trials_done(self):
+        return sum(t["status"] in ("finished", "stopped early") for t in self.summary["trials"])
+
+    @property
+    def complete(self):
+        """Every trial has ended and so have the seeds: the chosen configuration can no longer change."""
+        return (self.trials_done == len(self.summary["trials"])
+                and all(seed["status"] == "finished" for seed in self.summary["seeds"]))
+
 
 SOLVED_BIN1 = 99.0
 SEARCH_FILE = "search.md"
@@ -208,7 +218,9 @@ def cell(entry, searched=None):
         return "-"
     run, _ = entry
     text = f"{one_decimal(run.bin0)} / {one_decimal(run.bin1)}" + ("" if run.finished else "*")
-    return text if searched is None else f"{text} ({searched.seeds_solved}/{searched.seeds_planned})"
+    if searched is None:
+        return text
+    return f"{text} ({searched.seeds_solved}/{searched.seeds_planned}{'' if searched.complete else ', searching'})"
 
 
 def render_table(chosen, table_dir, searched=None):
@@ -231,6 +243,8 @@ def render_table(chosen, table_dir, searched=None):
     if searched:
         lines.append(f"- `(k/n)`: a cell searched by scripts/tune.py shows seed 1 of its best configuration; k of its "
                      f"n seeds reach {SOLVED_BIN1:g} % on Bin1. Trials, spaces and curves: search.md.")
+    if any(not c.complete for c in searched.values()):
+        lines.append("- `searching`: the cell's search has not ended; it shows the best configuration so far.")
     if any(count > 1 and (task, model_type) not in searched for task, model_type, _, count in entries):
         lines.append("- Where a cell has several runs (seeds), it shows the one with the highest mean of Bin0 and "
                      "Bin1 (see the run list).")
@@ -240,7 +254,8 @@ def render_table(chosen, table_dir, searched=None):
     for task, model_type, run, count in entries:
         status = "finished" if run.finished else "unfinished"
         if (task, model_type) in searched:
-            status += f", searched ({len(searched[(task, model_type)].summary['trials'])} trials)"
+            search = searched[(task, model_type)]
+            status += f", searched ({search.trials_done} of {len(search.summary['trials'])} trials done)"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {run.seed} | {count} | {status} | "
                      f"{Path(os.path.relpath(run.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
     return "\n".join(lines) + "\n"

@@ -257,3 +257,22 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
+
+
+def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
+    import shutil
+    root, _, _, _, _ = tiny_search
+    search = tmp_path / "search"
+    shutil.copytree(root / "search", search)
+    summary_path = search / "parity" / "lstm" / tune.SUMMARY_FILE
+    summary = json.loads(summary_path.read_text())
+    summary["trials"][-1]["status"] = "unfinished"
+    summary_path.write_text(json.dumps(summary))
+    (tmp_path / "runs").mkdir()
+    with redirect_stdout(io.StringIO()):
+        assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(search),
+                             "--out_dir", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    lstm_row = next(line for line in table.splitlines() if line.startswith("| LSTM"))
+    assert lstm_row.split(" | ")[1].endswith("/3, searching)")
+    assert "searched (1 of 2 trials done)" in table
