@@ -143,7 +143,9 @@ def run_trial(tune_config):
     report_new_evaluations(run_dir)
     command = config["command"] if run_dir is None else ["bash", config["train_script"], "--resume", str(run_dir)]
 
-    def stop_with_parent():  # if Ray kills this worker, main.py gets SIGTERM and checkpoints
+    # main.py must not outlive a worker that dies. (When the driver is interrupted, its stop_runs has already let
+    # main.py save: Ray ends its workers' processes outright.)
+    def stop_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
     with open(folder / config["run_log"], "a") as log:
@@ -290,7 +292,7 @@ class Cell:
         return summary
 
     def search(self, tune):
-        """Runs (or replays) the cell's trials and writes its summary; the chosen hparams, or None."""
+        """Runs (or replays) the cell's trials; writes and returns its summary."""
         from ray.tune.schedulers import ASHAScheduler
 
         resources = {"cpu": self.args.cpus_per_run}
@@ -301,10 +303,11 @@ class Cell:
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
         run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha,
                   StopWhenOutrun())
-        best = self.write_summary()["best"]
-        return None if best is None else next(h for h in self.space if trial_name(h, SEARCH_SEED) == best)
+        return self.write_summary()
 
-    def seed_trials(self, hparams):
+    def seed_trials(self, best):
+        """The seed runs of the configuration of trial `best` (a trial name)."""
+        hparams = next(h for h in self.space if trial_name(h, SEARCH_SEED) == best)
         return [self.trial(hparams, seed) for seed in ROBUSTNESS_SEEDS]
 
 
@@ -319,8 +322,8 @@ class Seeds:
         self.remote_trial = ray.remote(num_cpus=cpus_per_run)(run_trial)
         self.pending = []  # (cell, start time, trials, task references)
 
-    def start(self, cell, hparams, started):
-        trials = cell.seed_trials(hparams)
+    def start(self, cell, best, started):
+        trials = cell.seed_trials(best)
         refs = [self.remote_trial.remote({"trial": trial, "report": False}) for trial in trials]
         self.pending.append((cell, started, trials, refs))
 
@@ -436,11 +439,11 @@ def main(argv=None):
                 for model_type in args.models:
                     started = time.time()
                     cell = Cell(args, task, model_type, batches)
-                    best = cell.search(tune)
-                    if best is None:
-                        print_cell(cell.write_summary(), started)
+                    summary = cell.search(tune)
+                    if summary["best"] is None:
+                        print_cell(summary, started)
                     else:
-                        seeds.start(cell, best, started)
+                        seeds.start(cell, summary["best"], started)
                     seeds.finish(wait=False)
             seeds.finish(wait=True)
     except KeyboardInterrupt:

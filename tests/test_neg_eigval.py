@@ -283,7 +283,8 @@ def test_window_cli(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task,windows", [("abab-star", {"train_lengths": (1, 3)}), ("dyck-1", {"train_lengths": (1, 1)}),
+@pytest.mark.parametrize("task,windows", [("abab-star", {"train_lengths": (1, 3)}),
+                                          ("dyck-1", {"train_lengths": (1, 1)}),
                                           ("aa-star", {"test_lengths": (51, 51)})])
 def test_a_window_without_enough_strings_is_an_error_not_a_hang(task, windows):
     with pytest.raises(data.DataError, match="too few strings"):

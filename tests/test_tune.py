@@ -230,8 +230,8 @@ class FakeCell:
     def __init__(self, folder):
         self.folder, self.summaries = folder, 0
 
-    def seed_trials(self, hparams):
-        return [{"folder": str(self.folder / f"{hparams}-seed{seed}")} for seed in tune.ROBUSTNESS_SEEDS]
+    def seed_trials(self, best):
+        return [{"folder": str(self.folder / f"{best}-seed{seed}")} for seed in tune.ROBUSTNESS_SEEDS]
 
     def write_summary(self):
         self.summaries += 1
