@@ -217,6 +217,24 @@ class StopWhenOutrun:
         return self.solved_at is not None and result.get("step", 0) >= self.solved_at
 
 
+def mark_if_stopped(folder, result):
+    """Records in the trial folder that the scheduler (or StopWhenOutrun) has ended a trial main.py has not finished.
+    Tune sets `done` on the result that carries that decision; a trial that finishes on its own ends with a result
+    Tune does not pass on, and an interrupted one ends in an error."""
+    if result.get("done") and trial_status(folder)[0] == "unfinished":
+        (folder / STOPPED_MARKER).write_text(json.dumps({"epochs": result.get("epochs"),
+                                                         "best_score": result.get("best_score")}) + "\n")
+
+
+def stop_marker_callback(tune):
+    """Marks each stopped trial as the decision arrives, so that an interrupt later in the cell does not lose it."""
+    class MarkStopped(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            mark_if_stopped(Path(trial.config["trial"]["folder"]), result)
+
+    return MarkStopped()
+
+
 def short_trial_name(trial):
     return Path(trial.config["trial"]["folder"]).name
 
@@ -228,16 +246,13 @@ def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None):
                        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False,
                                                    trial_name_creator=short_trial_name,
                                                    trial_dirname_creator=short_trial_name),
-                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper))
+                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper,
+                                                 callbacks=[stop_marker_callback(tune)]))
     for result in tuner.fit():
-        folder = Path(result.config["trial"]["folder"])
         if result.error:
             first_line = str(result.error).strip().splitlines()[0]
-            print(f"warning: trial {folder.name} failed in Ray: {first_line}", flush=True)
-        elif result.metrics.get("done") and trial_status(folder)[0] == "unfinished":
-            # Tune marks the last result `done` when the scheduler stops a trial (not when it is interrupted).
-            (folder / STOPPED_MARKER).write_text(json.dumps({"epochs": result.metrics.get("epochs"),
-                                                             "best_score": result.metrics.get("best_score")}) + "\n")
+            print(f"warning: trial {Path(result.config['trial']['folder']).name} failed in Ray: {first_line}",
+                  flush=True)
 
 
 class Cell:

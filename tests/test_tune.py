@@ -3,6 +3,7 @@ that reruns nothing, the trial's replay and resume, and results.py's view of the
 import io
 import json
 import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -276,3 +277,43 @@ def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
     lstm_row = next(line for line in table.splitlines() if line.startswith("| LSTM"))
     assert lstm_row.split(" | ")[1].endswith("/3, searching)")
     assert "searched (1 of 2 trials done)" in table
+
+
+def test_a_stop_is_marked_as_it_arrives_not_when_the_cell_ends(tiny_search, tmp_path, monkeypatch):
+    """A real Tune run: the stopper ends the trial at its second report. The marker must be there when Tune
+    completes the trial, not only after the experiment, so a search interrupted later in the cell keeps it."""
+    ray_tune = pytest.importorskip("ray.tune")
+    records = "".join(json.dumps(r) + "\n" for r in RECORDS)
+
+    def reports_until_stopped(tune_config):  # self-contained: Ray ships it to a worker by value
+        from ray import tune as tune_in_worker
+        run_dir = Path(tune_config["trial"]["folder"]) / "lstm-parity-20260101-000000-abcdef01"
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text("{}")
+        (run_dir / "metrics.jsonl").write_text(records)
+        for step in range(1, 100):
+            tune_in_worker.report({"step": step, "epochs": step / 6, "best_score": 10.0 * step})
+            time.sleep(0.2)
+
+    marker = tmp_path / "t" / tune.STOPPED_MARKER
+    marked_at_completion = []
+
+    class CheckedAtCompletion(type(tune.stop_marker_callback(ray_tune))):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            marked_at_completion.append(marker.is_file())
+
+    monkeypatch.setattr(tune, "run_trial", reports_until_stopped)
+    monkeypatch.setattr(tune, "stop_marker_callback", lambda ray_tune: CheckedAtCompletion())
+    tune.run_tuner(ray_tune, [{"folder": str(tmp_path / "t")}], {"cpu": 1}, "stop-marker", tmp_path / "ray",
+                   scheduler=None, stopper=lambda trial_id, result: result["step"] >= 2)
+    assert marked_at_completion == [True]
+    assert json.loads(marker.read_text()) == {"epochs": 2 / 6, "best_score": 20.0}
+    assert tune.trial_status(tmp_path / "t")[0] == "stopped early"
+
+
+def test_a_trial_main_py_finished_gets_no_marker_whatever_the_last_result_says(tmp_path):
+    ray_tune = pytest.importorskip("ray.tune")
+    write_run_dir(tmp_path, RECORDS, finished=True)
+    trial = type("Trial", (), {"config": {"trial": {"folder": str(tmp_path)}}})()
+    tune.stop_marker_callback(ray_tune).on_trial_result(0, [trial], trial, {"done": True, "epochs": 1.0})
+    assert not (tmp_path / tune.STOPPED_MARKER).exists()
