@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES  # noqa: E402
 from sweep import run_dirs  # noqa: E402  (scripts/ is on sys.path when this file runs)
+from tune import trials_done  # noqa: E402
 
 # The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
 MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
@@ -123,13 +124,9 @@ class SearchCell:
         return 1 + len(self.summary["seeds"])
 
     @property
-    def trials_done(self):
-        return sum(t["status"] in ("finished", "stopped early") for t in self.summary["trials"])
-
-    @property
     def complete(self):
         """Every trial has ended and so have the seeds: the chosen configuration can no longer change."""
-        return (self.trials_done == len(self.summary["trials"])
+        return (trials_done(self.summary) == len(self.summary["trials"])
                 and all(seed["status"] == "finished" for seed in self.summary["seeds"]))
 
 
@@ -255,7 +252,7 @@ def render_table(chosen, table_dir, searched=None):
         status = "finished" if run.finished else "unfinished"
         if (task, model_type) in searched:
             search = searched[(task, model_type)]
-            status += f", searched ({search.trials_done} of {len(search.summary['trials'])} trials done)"
+            status += f", searched ({trials_done(search.summary)} of {len(search.summary['trials'])} trials done)"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {run.seed} | {count} | {status} | "
                      f"{Path(os.path.relpath(run.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
     return "\n".join(lines) + "\n"

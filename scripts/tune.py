@@ -364,9 +364,13 @@ def print_cell(summary, started):
     print(f"{describe(summary)} [{(time.time() - started) / 60:.1f} min]", flush=True)
 
 
+def trials_done(summary):
+    """How many of a cell summary's trials have ended (finished, or stopped by the scheduler)."""
+    return sum(t["status"] in ("finished", "stopped early") for t in summary["trials"])
+
+
 def describe(summary):
-    done = sum(t["status"] in ("finished", "stopped early") for t in summary["trials"])
-    line = f"{summary['task']} {summary['model']}: {done}/{len(summary['trials'])} trials done"
+    line = f"{summary['task']} {summary['model']}: {trials_done(summary)}/{len(summary['trials'])} trials done"
     if summary["best"]:
         best = next(t for t in summary["trials"] if t["name"] == summary["best"])
         seeds = ", ".join(f"seed {s['seed']} {s['status']}"

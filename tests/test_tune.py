@@ -258,8 +258,6 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
-
-
 def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
     import shutil
     root, _, _, _, _ = tiny_search
