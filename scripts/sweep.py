@@ -200,11 +200,11 @@ def running_main_py(pid_file):
     return pid if "main.py" in cmdline and str(pid_file.parent) in cmdline and state != "Z" else None
 
 
-def stop_runs(work_dir, pattern, timeout=120.0):
-    """Sends SIGTERM to the main.py of every run on this machine with a pid file under work_dir (glob `pattern`),
-    and waits until they have saved and exited. Left to Ray, they would be killed when the driver ends and lose the
-    batches since their last evaluation."""
-    pid_files = list(Path(work_dir).glob(pattern))
+def stop_runs(pid_files, timeout=120.0):
+    """Sends SIGTERM to the main.py of each pid file that is still running, and waits until they have saved and
+    exited. Left to Ray, they would be killed when the driver ends and lose the batches since their last
+    evaluation."""
+    pid_files = list(pid_files)
     for pid_file in pid_files:
         pid = running_main_py(pid_file)
         if pid is not None:
@@ -216,14 +216,16 @@ def stop_runs(work_dir, pattern, timeout=120.0):
 
 
 @contextlib.contextmanager
-def stopping_cleanly(work_dir, pattern):
-    """Inside: SIGINT and SIGTERM stop the runs first (see stop_runs), then the driver, by KeyboardInterrupt; a
-    second signal stops the driver at once. Install after ray.init, which sets handlers of its own."""
+def stopping_cleanly(own_pid_files):
+    """Inside: SIGINT and SIGTERM stop the driver's own runs first (stop_runs on what `own_pid_files()` returns
+    then), then the driver, by KeyboardInterrupt; a second signal stops the driver at once. Only its own: another
+    driver may be running other runs under the same work_dir. Install after ray.init, which sets handlers of its
+    own."""
     def handler(signum, frame):
         signal.signal(signal.SIGINT, raise_keyboard_interrupt)
         signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         print("Stopping: the running main.py processes save their latest checkpoint...", file=sys.stderr, flush=True)
-        stop_runs(work_dir, pattern)
+        stop_runs(own_pid_files())
         raise KeyboardInterrupt
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -233,7 +235,7 @@ def stopping_cleanly(work_dir, pattern):
             signal.signal(signum, old)
 
 
-def launch(ray, jobs, cpus_per_run, address, total, done, work_dir):
+def launch(ray, jobs, cpus_per_run, address, total, done):
     """Run `jobs` [(config, folder, command)] as Ray tasks; print one progress line as each ends.
 
     Returns the labels of the configurations that failed. Ctrl-C or SIGTERM lets the running main.py save first.
@@ -264,7 +266,7 @@ def launch(ray, jobs, cpus_per_run, address, total, done, work_dir):
         pending[ref] = (config, folder)
     failed = []
     try:
-        with stopping_cleanly(work_dir, f"*/*/{PID_FILE}"):
+        with stopping_cleanly(lambda: [folder / PID_FILE for _, folder, _ in jobs]):
             while pending:
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 config, folder = pending.pop(ref)
@@ -342,7 +344,7 @@ def main(argv=None):
 
     prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
     try:
-        failed = launch(ray, jobs, args.cpus_per_run, args.address, total, done, work_dir)
+        failed = launch(ray, jobs, args.cpus_per_run, args.address, total, done)
     except KeyboardInterrupt:
         print("Interrupted: the running configurations saved their latest checkpoint; run the same command again "
               "to continue.", file=sys.stderr, flush=True)

@@ -369,6 +369,12 @@ def trials_done(summary):
     return sum(t["status"] in ("finished", "stopped early") for t in summary["trials"])
 
 
+def ready_for_seeds(summary):
+    """Whether the cell's choice is final: every trial has ended. A trial that failed (and resumes on a relaunch)
+    may still beat the one chosen so far."""
+    return summary["best"] is not None and trials_done(summary) == len(summary["trials"])
+
+
 def describe(summary):
     line = f"{summary['task']} {summary['model']}: {trials_done(summary)}/{len(summary['trials'])} trials done"
     if summary["best"]:
@@ -418,6 +424,12 @@ def parse_args(argv):
     return args
 
 
+def running_pid_files(args):
+    """The pid files of this command's trials: those of its own cells, not of a search of other cells beside it."""
+    return [pid_file for task in args.tasks for model_type in args.models
+            for pid_file in cell_folder(args.work_dir, task, model_type).glob(f"*/{PID_FILE}")]
+
+
 def start_ray(ray, args):
     """A local Ray instance with CPUs for --parallel trials (all of the machine's by default), or --address's."""
     num_cpus = None if args.parallel is None else args.parallel * args.cpus_per_run
@@ -452,17 +464,17 @@ def main(argv=None):
     cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
     seeds = Seeds(ray, args.cpus_per_run)
     try:
-        with stopping_cleanly(args.work_dir, f"*/*/*/{PID_FILE}"):
+        with stopping_cleanly(lambda: running_pid_files(args)):
             for task in args.tasks:
                 batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
                 for model_type in args.models:
                     started = time.time()
                     cell = Cell(args, task, model_type, batches)
                     summary = cell.search(tune)
-                    if summary["best"] is None:
-                        print_cell(summary, started)
-                    else:
+                    if ready_for_seeds(summary):
                         seeds.start(cell, summary["best"], started)
+                    else:
+                        print_cell(summary, started)
                     seeds.finish(wait=False)
             seeds.finish(wait=True)
     except KeyboardInterrupt:

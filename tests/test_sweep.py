@@ -225,10 +225,11 @@ def test_train_sh_resume_and_usage(tmp_path):
     assert usage.stderr.startswith("usage: bash scripts/train.sh TASK MODEL_TYPE LAYERS SIZE HEADS FF BATCH LR")
 
 
-def test_an_interrupt_lets_each_running_trial_save_and_leaves_other_processes_alone(tmp_path):
-    folder = tmp_path / "search" / "parity" / "lstm" / "lr1e-3-l1-h8-n1-seed1"
+def start_fake_main(folder):
+    """A process that stands for a run's main.py in `folder` (with its pid file there): on SIGTERM it writes
+    `folder/saved` and exits with 143."""
     folder.mkdir(parents=True)
-    fake_main = tmp_path / "main.py"  # stands for main.py: saves on SIGTERM, then exits
+    fake_main = folder / "main.py"
     fake_main.write_text(textwrap.dedent("""
         import signal, sys, time
         def save(signum, frame):
@@ -238,16 +239,22 @@ def test_an_interrupt_lets_each_running_trial_save_and_leaves_other_processes_al
         print("ready", flush=True)
         time.sleep(60)
     """))
-    trial = subprocess.Popen([sys.executable, str(fake_main), "--work_dir", str(folder)], stdout=subprocess.PIPE)
-    assert trial.stdout.readline() == b"ready\n"
-    (folder / sweep.PID_FILE).write_text(f"{trial.pid}\n")
+    run = subprocess.Popen([sys.executable, str(fake_main), "--work_dir", str(folder)], stdout=subprocess.PIPE)
+    assert run.stdout.readline() == b"ready\n"
+    (folder / sweep.PID_FILE).write_text(f"{run.pid}\n")
+    return run
+
+
+def test_an_interrupt_lets_each_running_trial_save_and_leaves_other_processes_alone(tmp_path):
+    folder = tmp_path / "search" / "parity" / "lstm" / "lr1e-3-l1-h8-n1-seed1"
+    trial = start_fake_main(folder)
     # a stale pid file whose number now belongs to some other process
     stranger = subprocess.Popen(["sleep", "60"])
     other = tmp_path / "search" / "parity" / "lstm" / "lr3e-3-l1-h8-n1-seed1"
     other.mkdir()
     (other / sweep.PID_FILE).write_text(f"{stranger.pid}\n")
     try:
-        sweep.stop_runs(tmp_path / "search", f"*/*/*/{sweep.PID_FILE}", timeout=20)
+        sweep.stop_runs([folder / sweep.PID_FILE, other / sweep.PID_FILE], timeout=20)
         assert trial.wait(timeout=5) == 143 and (folder / "saved").is_file()
         assert stranger.poll() is None
     finally:

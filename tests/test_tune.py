@@ -315,3 +315,34 @@ def test_a_trial_main_py_finished_gets_no_marker_whatever_the_last_result_says(t
     trial = type("Trial", (), {"config": {"trial": {"folder": str(tmp_path)}}})()
     tune.stop_marker_callback(ray_tune).on_trial_result(0, [trial], trial, {"done": True, "epochs": 1.0})
     assert not (tmp_path / tune.STOPPED_MARKER).exists()
+
+
+def test_stopping_one_search_leaves_the_trials_of_another_search_running(tmp_path):
+    """Two searches on different cells share the work_dir; Ctrl-C on one must not stop the other's trials."""
+    import os
+    import signal
+
+    from test_sweep import start_fake_main
+
+    own_folder = tmp_path / "parity" / "lstm" / "lr1e-3-l1-h64-n1-seed1"
+    own = start_fake_main(own_folder)
+    other = start_fake_main(tmp_path / "parity" / "deltanet" / "lr1e-3-l1-h64-n4-seed1")
+    args = tune.parse_args(["--tasks", "parity", "--models", "0", "--work_dir", str(tmp_path)])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tune.stopping_cleanly(lambda: tune.running_pid_files(args)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the next bytecode; this is not reached
+        assert own.wait(timeout=5) == 143 and (own_folder / "saved").is_file()
+        assert other.poll() is None
+    finally:
+        own.kill()
+        other.kill()
+
+
+def test_the_seeds_wait_until_every_trial_has_ended():
+    trial = {"name": "a", "status": "finished", "best_score": 50.0, "best_step": 10}
+    failed = {"name": "b", "status": "unfinished", "best_score": 10.0, "best_step": 5}
+    assert tune.ready_for_seeds({"best": "a", "trials": [trial, dict(trial, name="c", status="stopped early")]})
+    assert not tune.ready_for_seeds({"best": "a", "trials": [trial, failed]})
+    assert not tune.ready_for_seeds({"best": None, "trials": [dict(failed, best_score=None)]})
