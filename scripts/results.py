@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES  # noqa: E402
 from sweep import run_dirs  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from tune import trials_done  # noqa: E402
+from tune import search_ended, trials_done  # noqa: E402
 
 # The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
 MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
@@ -126,8 +126,7 @@ class SearchCell:
     @property
     def complete(self):
         """Every trial has ended and so have the seeds: the chosen configuration can no longer change."""
-        return (trials_done(self.summary) == len(self.summary["trials"])
-                and all(seed["status"] == "finished" for seed in self.summary["seeds"]))
+        return search_ended(self.summary) and all(seed["status"] == "finished" for seed in self.summary["seeds"])
 
 
 SOLVED_BIN1 = 99.0

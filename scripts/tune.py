@@ -369,10 +369,14 @@ def trials_done(summary):
     return sum(t["status"] in ("finished", "stopped early") for t in summary["trials"])
 
 
+def search_ended(summary):
+    """Whether every trial of the cell has ended, so that the chosen configuration can no longer change. A trial
+    that failed resumes on a relaunch and may still beat the one chosen so far."""
+    return trials_done(summary) == len(summary["trials"])
+
+
 def ready_for_seeds(summary):
-    """Whether the cell's choice is final: every trial has ended. A trial that failed (and resumes on a relaunch)
-    may still beat the one chosen so far."""
-    return summary["best"] is not None and trials_done(summary) == len(summary["trials"])
+    return summary["best"] is not None and search_ended(summary)
 
 
 def describe(summary):
