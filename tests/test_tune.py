@@ -258,23 +258,43 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
-def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
+def table_of_edited_copy(tiny_search, tmp_path, edit_summary):
+    """results.py's table.md for a copy of the tiny search whose search.json `edit_summary` has changed."""
     import shutil
     root, _, _, _, _ = tiny_search
     search = tmp_path / "search"
     shutil.copytree(root / "search", search)
     summary_path = search / "parity" / "lstm" / tune.SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
-    summary["trials"][-1]["status"] = "unfinished"
+    edit_summary(summary)
     summary_path.write_text(json.dumps(summary))
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
         assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(search),
                              "--out_dir", str(tmp_path)]) == 0
-    table = (tmp_path / "table.md").read_text()
-    lstm_row = next(line for line in table.splitlines() if line.startswith("| LSTM"))
-    assert lstm_row.split(" | ")[1].endswith("/3, searching)")
+    return (tmp_path / "table.md").read_text()
+
+
+def lstm_parity_cell(table):
+    return next(line for line in table.splitlines() if line.startswith("| LSTM")).split(" | ")[1]
+
+
+def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
+    def last_trial_unfinished(summary):
+        summary["trials"][-1]["status"] = "unfinished"
+
+    table = table_of_edited_copy(tiny_search, tmp_path, last_trial_unfinished)
+    assert lstm_parity_cell(table).endswith("/3, searching)")
     assert "searched (1 of 2 trials done)" in table
+
+
+def test_seeds_that_ended_after_the_driver_stopped_count_as_ended(tiny_search, tmp_path):
+    """A stopped tune.py leaves search.json saying the seeds still run; their final.json says they ended."""
+    def seeds_unfinished(summary):
+        for seed in summary["seeds"]:
+            seed["status"] = "unfinished"
+
+    assert lstm_parity_cell(table_of_edited_copy(tiny_search, tmp_path, seeds_unfinished)).endswith("/3)")
 
 
 def test_a_stop_is_marked_as_it_arrives_not_when_the_cell_ends(tiny_search, tmp_path, monkeypatch):
