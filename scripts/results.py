@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES  # noqa: E402
 from sweep import run_dirs  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from tune import search_ended, trial_status, trials_done  # noqa: E402
+from tune import search_ended, trials_done  # noqa: E402
 
 # The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
 MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
@@ -125,8 +125,12 @@ class SearchCell:
 
     @property
     def complete(self):
-        """Every trial has ended and so have the seeds: the chosen configuration can no longer change."""
-        return search_ended(self.summary) and all(seed["status"] == "finished" for seed in self.summary["seeds"])
+        """Every trial has ended and so have the seeds: the chosen configuration can no longer change. The seeds'
+        end comes from their runs' final.json: tune.py rewrites search.json only when its driver collects them, so a
+        stopped driver leaves seed statuses there that predate the runs' end."""
+        seed_runs = self.runs[1:]
+        return (search_ended(self.summary) and len(seed_runs) == len(self.summary["seeds"])
+                and all(run.finished for run in seed_runs))
 
 
 SOLVED_BIN1 = 99.0
@@ -136,13 +140,6 @@ SEARCH_FILE = "search.md"
 def latest_run(trial_folder):
     dirs = run_dirs(trial_folder)
     return read_run(dirs[-1]) if dirs else None
-
-
-def refresh_seed_statuses(summary, folder):
-    """tune.py rewrites search.json only when its driver collects the seed runs, so a stopped driver leaves
-    statuses that predate the runs' end; the trial folders are the truth."""
-    for seed in summary["seeds"]:
-        seed["status"], seed["best_score"], _, seed["epochs"] = trial_status(folder / seed["name"])
 
 
 def collect_search(root):
@@ -156,7 +153,6 @@ def collect_search(root):
             continue
         if not summary.get("best"):
             continue
-        refresh_seed_statuses(summary, path.parent)
         names = [summary["best"]] + [seed["name"] for seed in summary["seeds"]]
         runs = [run for run in (latest_run(path.parent / name) for name in names) if run is not None]
         if runs and runs[0].seed == 1:

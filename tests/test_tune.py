@@ -258,15 +258,16 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
-def table_of_edited_copy(tiny_search, tmp_path, edit_summary):
-    """results.py's table.md for a copy of the tiny search whose search.json `edit_summary` has changed."""
+def table_of_edited_copy(tiny_search, tmp_path, edit_cell):
+    """results.py's table.md for a copy of the tiny search after `edit_cell(summary, cell folder)`; the edited
+    summary is written back as the cell's search.json."""
     import shutil
     root, _, _, _, _ = tiny_search
     search = tmp_path / "search"
     shutil.copytree(root / "search", search)
     summary_path = search / "parity" / "lstm" / tune.SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
-    edit_summary(summary)
+    edit_cell(summary, summary_path.parent)
     summary_path.write_text(json.dumps(summary))
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
@@ -280,7 +281,7 @@ def lstm_parity_cell(table):
 
 
 def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
-    def last_trial_unfinished(summary):
+    def last_trial_unfinished(summary, _):
         summary["trials"][-1]["status"] = "unfinished"
 
     table = table_of_edited_copy(tiny_search, tmp_path, last_trial_unfinished)
@@ -290,11 +291,20 @@ def test_a_cell_whose_search_has_not_ended_says_so(tiny_search, tmp_path):
 
 def test_seeds_that_ended_after_the_driver_stopped_count_as_ended(tiny_search, tmp_path):
     """A stopped tune.py leaves search.json saying the seeds still run; their final.json says they ended."""
-    def seeds_unfinished(summary):
+    def seeds_unfinished(summary, _):
         for seed in summary["seeds"]:
             seed["status"] = "unfinished"
 
     assert lstm_parity_cell(table_of_edited_copy(tiny_search, tmp_path, seeds_unfinished)).endswith("/3)")
+
+
+def test_a_cell_whose_last_seed_has_no_run_yet_is_still_searching(tiny_search, tmp_path):
+    def last_seed_not_started(summary, cell_folder):
+        import shutil
+        shutil.rmtree(cell_folder / summary["seeds"][-1]["name"])
+
+    assert lstm_parity_cell(table_of_edited_copy(tiny_search, tmp_path, last_seed_not_started)).endswith(
+        "/3, searching)")
 
 
 def test_a_stop_is_marked_as_it_arrives_not_when_the_cell_ends(tiny_search, tmp_path, monkeypatch):
