@@ -14,7 +14,7 @@ third); a trial also stops once another one of its cell has reached 100 % in few
 chosen); the others train until 100 % (main.py's stop) or the cap of --epoch_cap epochs. Then seeds 2 and 3 of the
 best trial's configuration train to the end, without early stopping (the paper reports seed 1; the two others
 show how robust the configuration is); they run alongside the next cell's search, and a cell's summary line is
-printed when its seeds have ended.
+printed (and its search.json written) as soon as its seeds have ended.
 
 Layout: `<work_dir>/<task>/<model-slug>/<trial>/` per trial (trial `lr1e-3-l2-h64-n4-seed1`) with main.py's run
 directory and `run.log`; `<work_dir>/<task>/<model-slug>/search.json` sums the cell up (space, every trial's
@@ -239,7 +239,7 @@ def short_trial_name(trial):
     return Path(trial.config["trial"]["folder"]).name
 
 
-def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None):
+def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None, callbacks=()):
     """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed."""
     tuner = tune.Tuner(tune.with_resources(run_trial, resources),
                        param_space={"trial": tune.grid_search(trials)},
@@ -247,7 +247,7 @@ def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None):
                                                    trial_name_creator=short_trial_name,
                                                    trial_dirname_creator=short_trial_name),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper,
-                                                 callbacks=[stop_marker_callback(tune)]))
+                                                 callbacks=[stop_marker_callback(tune), *callbacks]))
     for result in tuner.fit():
         if result.error:
             first_line = str(result.error).strip().splitlines()[0]
@@ -306,7 +306,7 @@ class Cell:
         tmp.replace(self.folder / SUMMARY_FILE)
         return summary
 
-    def search(self, tune):
+    def search(self, tune, callbacks=()):
         """Runs (or replays) the cell's trials; writes and returns its summary."""
         from ray.tune.schedulers import ASHAScheduler
 
@@ -317,7 +317,7 @@ class Cell:
         asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap + 1,
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
         run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha,
-                  StopWhenOutrun())
+                  StopWhenOutrun(), callbacks)
         return self.write_summary()
 
     def seed_trials(self, best):
@@ -358,6 +358,17 @@ class Seeds:
                           f"{str(exc).strip().splitlines()[-1]}", flush=True)
             print_cell(cell.write_summary(), started)
         self.pending = still_running
+
+    def tune_callback(self, tune):
+        """Sums up the cells whose seeds have ended while a later cell's search runs (at each of its results),
+        so that a driver stopped mid-search leaves no summary that still calls ended seeds unfinished."""
+        seeds = self
+
+        class SumUpEndedSeeds(tune.Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                seeds.finish(wait=False)
+
+        return SumUpEndedSeeds()
 
 
 def print_cell(summary, started):
@@ -474,7 +485,7 @@ def main(argv=None):
                 for model_type in args.models:
                     started = time.time()
                     cell = Cell(args, task, model_type, batches)
-                    summary = cell.search(tune)
+                    summary = cell.search(tune, [seeds.tune_callback(tune)])
                     if ready_for_seeds(summary):
                         seeds.start(cell, summary["best"], started)
                     else:

@@ -258,6 +258,28 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
+
+def test_seeds_that_end_during_the_next_search_are_summed_up_before_it_ends(tiny_search, tmp_path, monkeypatch):
+    """A driver stopped mid-way through a cell's search must not leave an earlier cell's search.json calling its
+    ended seeds unfinished: the next search's results sum that cell up as they come."""
+    ray_tune = pytest.importorskip("ray.tune")
+    fake_ray, cell = FakeRay(), FakeCell(tmp_path)
+    seeds = tune.Seeds(fake_ray, cpus_per_run=1)
+    seeds.start(cell, "lr1e-3", started=0.0)
+    fake_ray.done.update({0, 1})
+
+    def reports_twice(tune_config):  # self-contained: Ray ships it to a worker by value
+        from ray import tune as tune_in_worker
+        for step in (1, 2):
+            tune_in_worker.report({"step": step, "epochs": step / 6, "best_score": 10.0 * step})
+
+    monkeypatch.setattr(tune, "run_trial", reports_twice)
+    with redirect_stdout(io.StringIO()) as out:
+        tune.run_tuner(ray_tune, [{"folder": str(tmp_path / "t")}], {"cpu": 1}, "seeds-callback", tmp_path / "ray",
+                       scheduler=None, callbacks=[seeds.tune_callback(ray_tune)])
+    assert cell.summaries == 1 and seeds.pending == []
+    assert "parity LSTM: 0/0 trials done" in out.getvalue()
+
 def table_of_edited_copy(tiny_search, tmp_path, edit_cell):
     """results.py's table.md for a copy of the tiny search after `edit_cell(summary, cell folder)`; the edited
     summary is written back as the cell's search.json."""
