@@ -258,7 +258,6 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
 
 
-
 def test_seeds_that_end_during_the_next_search_are_summed_up_before_it_ends(tiny_search, tmp_path, monkeypatch):
     """A driver stopped mid-way through a cell's search must not leave an earlier cell's search.json calling its
     ended seeds unfinished: the next search's results sum that cell up as they come."""
@@ -279,6 +278,7 @@ def test_seeds_that_end_during_the_next_search_are_summed_up_before_it_ends(tiny
                        scheduler=None, callbacks=[seeds.tune_callback(ray_tune)])
     assert cell.summaries == 1 and seeds.pending == []
     assert "parity LSTM: 0/0 trials done" in out.getvalue()
+
 
 def table_of_edited_copy(tiny_search, tmp_path, edit_cell):
     """results.py's table.md for a copy of the tiny search after `edit_cell(summary, cell folder)`; the edited
