@@ -20,9 +20,11 @@ Layout: `<work_dir>/<task>/<model-slug>/<trial>/` per trial (trial `lr1e-3-l2-h6
 directory and `run.log`; `<work_dir>/<task>/<model-slug>/search.json` sums the cell up (space, every trial's
 status and best score, the chosen configuration, the seeds). Relaunching the same command runs nothing that has
 ended: finished trials and those the scheduler stopped (marked by `stopped_by_scheduler.json`) replay their
-metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.pt.
+metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.pt. Two commands may run side by
+side on overlapping cells: each locks the cells it works on, and skips a cell the other holds.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -50,6 +52,9 @@ SUMMARY_FILE = "search.json"
 # Written into a trial folder when the scheduler has stopped the trial: its decision is final, so a relaunch (or a
 # fresh clone, which has no checkpoints) replays the trial instead of training it again.
 STOPPED_MARKER = "stopped_by_scheduler.json"
+# Held (flock) by the driver working on a cell, from its search to the end of its seeds. Two drivers on one cell
+# would start the same trial twice, two main.py runs writing one run directory; the second one skips the cell.
+CELL_LOCK = "tune.lock"
 
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
@@ -261,6 +266,26 @@ class Cell:
         self.folder = cell_folder(args.work_dir, task, model_type)
         self.space = search_space(model_type, args.learning_rates, args.layers, args.widths)
         self.batches_per_epoch = batches_per_epoch
+        self.lock = None
+
+    def claim(self):
+        """Whether this driver now has the cell to itself. The kernel drops the lock when the process ends,
+        however it ends, so a crashed driver leaves nothing to clean up."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # A bare descriptor, not a file object: Tune pickles its callbacks, and with them the cells awaiting seeds.
+        lock = os.open(self.folder / CELL_LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return False
+        self.lock = lock
+        return True
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     @property
     def label(self):
@@ -357,6 +382,7 @@ class Seeds:
                     print(f"warning: trial {Path(trial['folder']).name} failed in Ray: "
                           f"{str(exc).strip().splitlines()[-1]}", flush=True)
             print_cell(cell.write_summary(), started)
+            cell.release()
         self.pending = still_running
 
     def tune_callback(self, tune):
@@ -439,10 +465,9 @@ def parse_args(argv):
     return args
 
 
-def running_pid_files(args):
-    """The pid files of this command's trials: those of its own cells, not of a search of other cells beside it."""
-    return [pid_file for task in args.tasks for model_type in args.models
-            for pid_file in cell_folder(args.work_dir, task, model_type).glob(f"*/{PID_FILE}")]
+def running_pid_files(cells):
+    """The pid files of this driver's trials: those of the cells it holds, not of another search beside it."""
+    return [pid_file for cell in cells if cell.lock is not None for pid_file in cell.folder.glob(f"*/{PID_FILE}")]
 
 
 def start_ray(ray, args):
@@ -478,18 +503,24 @@ def main(argv=None):
     from ray import cloudpickle
     cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
     seeds = Seeds(ray, args.cpus_per_run)
+    cells = []
     try:
-        with stopping_cleanly(lambda: running_pid_files(args)):
+        with stopping_cleanly(lambda: running_pid_files(cells)):
             for task in args.tasks:
                 batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
                 for model_type in args.models:
                     started = time.time()
                     cell = Cell(args, task, model_type, batches)
+                    if not cell.claim():
+                        print(f"{cell.label}: skipped, another tune.py is working on it", flush=True)
+                        continue
+                    cells.append(cell)
                     summary = cell.search(tune, [seeds.tune_callback(tune)])
                     if ready_for_seeds(summary):
                         seeds.start(cell, summary["best"], started)
                     else:
                         print_cell(summary, started)
+                        cell.release()
                     seeds.finish(wait=False)
             seeds.finish(wait=True)
     except KeyboardInterrupt:

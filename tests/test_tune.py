@@ -227,9 +227,10 @@ class FakeRay:
             raise RuntimeError("Traceback ...\nmain.py exited with status 1")
 
 
-class FakeCell:
+class FakeCell(tune.Cell):
     def __init__(self, folder):
-        self.folder, self.summaries = folder, 0
+        self.folder, self.summaries, self.lock = folder, 0, None
+        assert self.claim()  # a lock as a real cell holds it: Tune must be able to pickle it with the callback
 
     def seed_trials(self, best):
         return [{"folder": str(self.folder / f"{best}-seed{seed}")} for seed in tune.ROBUSTNESS_SEEDS]
@@ -256,6 +257,7 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     out = capsys.readouterr().out
     assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
+    assert cell.lock is None  # the cell is free for another driver only once its seeds have ended
 
 
 def test_seeds_that_end_during_the_next_search_are_summed_up_before_it_ends(tiny_search, tmp_path, monkeypatch):
@@ -379,10 +381,13 @@ def test_stopping_one_search_leaves_the_trials_of_another_search_running(tmp_pat
     own_folder = tmp_path / "parity" / "lstm" / "lr1e-3-l1-h64-n1-seed1"
     own = start_fake_main(own_folder)
     other = start_fake_main(tmp_path / "parity" / "deltanet" / "lr1e-3-l1-h64-n4-seed1")
-    args = tune.parse_args(["--tasks", "parity", "--models", "0", "--work_dir", str(tmp_path)])
+    args = tune.parse_args(["--tasks", "parity", "--models", "0", "2", "--work_dir", str(tmp_path)])
+    # Both cells are in this driver's command, but the DeltaNet one was skipped as another driver holds it.
+    own_cell, skipped_cell = (tune.Cell(args, "parity", model_type, 1) for model_type in (0, 2))
+    assert own_cell.claim()
     try:
         with pytest.raises(KeyboardInterrupt):
-            with tune.stopping_cleanly(lambda: tune.running_pid_files(args)):
+            with tune.stopping_cleanly(lambda: tune.running_pid_files([own_cell, skipped_cell])):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # the handler runs at the next bytecode; this is not reached
         assert own.wait(timeout=5) == 143 and (own_folder / "saved").is_file()
@@ -390,6 +395,29 @@ def test_stopping_one_search_leaves_the_trials_of_another_search_running(tmp_pat
     finally:
         own.kill()
         other.kill()
+
+
+def test_a_cell_is_held_by_one_driver_at_a_time(tmp_path):
+    args = tune.parse_args(["--work_dir", str(tmp_path)])
+    first, second = tune.Cell(args, "parity", 2, 1), tune.Cell(args, "parity", 2, 1)
+    assert first.claim() and not second.claim()
+    first.release()
+    assert second.claim()
+    second.release()
+
+
+def test_a_cell_another_driver_holds_is_skipped(tiny_search, tmp_path):
+    root = tiny_search[0]
+    argv = ["--tasks", "parity", "--models", "0", "--work_dir", str(tmp_path), "--data_root", str(root / "data"),
+            *TINY_SPACE]
+    other_driver = tune.Cell(tune.parse_args(argv), "parity", 0, 1)
+    assert other_driver.claim()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert tune.main(argv) == 0
+    other_driver.release()
+    assert "parity LSTM: skipped, another tune.py is working on it" in out.getvalue()
+    assert sorted(p.name for p in (tmp_path / "parity" / "lstm").iterdir()) == [tune.CELL_LOCK]
 
 
 def test_the_seeds_wait_until_every_trial_has_ended():
