@@ -279,6 +279,9 @@ class Cell:
         except BlockingIOError:
             os.close(lock)
             return False
+        except OSError:  # ENOLCK, EOPNOTSUPP: a shared file system without flock (NFS without lockd, ...)
+            print(f"warning: {self.label}: cannot lock {CELL_LOCK} on this file system; "
+                  f"keep other tune.py commands off this cell", flush=True)
         self.lock = lock
         return True
 

@@ -406,6 +406,19 @@ def test_a_cell_is_held_by_one_driver_at_a_time(tmp_path):
     second.release()
 
 
+def test_a_file_system_without_flock_leaves_the_cell_unguarded_not_the_search_stopped(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tune.fcntl, "flock", no_flock)
+    cell = tune.Cell(tune.parse_args(["--work_dir", str(tmp_path)]), "parity", 2, 1)
+    assert cell.claim() and cell.lock is not None
+    assert "warning: parity DeltaNet: cannot lock tune.lock on this file system" in capsys.readouterr().out
+    cell.release()
+
+
 def test_a_cell_another_driver_holds_is_skipped(tiny_search, tmp_path):
     root = tiny_search[0]
     argv = ["--tasks", "parity", "--models", "0", "--work_dir", str(tmp_path), "--data_root", str(root / "data"),
