@@ -181,7 +181,8 @@ def render_search(cells, table_dir):
         lines += ["", f"## {task} / {MODEL_NAMES[model_type]}", "",
                   f"Space: learning rate {space['learning_rate']}, layers {space['num_layer']}, "
                   f"(hidden, heads) {space['hidden_size/n_head']}, batch {space['batch_size']}, "
-                  f"ff_factor {space['ff_factor']}, at most {space['epoch_cap']} epochs; {space['scheduler']}.", "",
+                  f"ff_factor {space['ff_factor']}, at most {space['epoch_cap']} epochs; {space['scheduler']}."
+                  + around_best_sentence(space), "",
                   "| Trial | Status | Epochs | Best mean (%) |", "| --- | --- | --- | --- |"]
         for trial in summary["trials"]:
             score = "-" if trial["best_score"] is None else one_decimal(trial["best_score"])
@@ -195,6 +196,16 @@ def render_search(cells, table_dir):
                   f"Curve: {curve or '-'}.", f"Seeds (Bin0 / Bin1): {seeds}; "
                   f"{cell.seeds_solved}/{cell.seeds_planned} solve Bin1."]
     return "\n".join(lines) + "\n"
+
+
+def around_best_sentence(space):
+    """What tune.py --around_best added to a cell's grid, or nothing."""
+    if "around_best" not in space:
+        return ""
+    ladders = "; ".join(f"{factor} " + " then ".join(", ".join(f"{k} {v}" for k, v in step.items()) for step in steps)
+                        for factor, steps in space["around_best"]["ladders"].items())
+    return (f" Then one factor at a time around the grid's best `{space['around_best']['anchor']}` (a later step "
+            f"only where the one before beat it): {ladders}.")
 
 
 def table_models(chosen):

@@ -58,13 +58,44 @@ CELL_LOCK = "tune.lock"
 
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
-    """The trials of one cell: dicts of learning_rate, num_layer, hidden_size, n_head."""
+    """The trials of one cell: dicts of learning_rate, num_layer, hidden_size, n_head, batch_size."""
     if widths is None:
         widths = RNN_WIDTHS if model_type in RNN_TYPES else ATTENTION_WIDTHS
     if model_type == E_LSTM:
         layers = (1,)  # the e-LSTM has one layer whatever --num_layer says
-    return [{"learning_rate": lr, "num_layer": n, "hidden_size": h, "n_head": heads}
+    return [{"learning_rate": lr, "num_layer": n, "hidden_size": h, "n_head": heads, "batch_size": BATCH_SIZE}
             for lr in learning_rates for n in layers for h, heads in widths]
+
+
+# --around_best: one factor at a time away from the best trial of the grid (the anchor), each factor a ladder of
+# steps. The first step of every factor runs; a further step runs once the step before it has ended with a better
+# best score than the anchor's or the previous step's (the factor helped). Steps that leave the anchor unchanged
+# are skipped. The width step takes one layer whatever the anchor's depth: at hidden 256 a second layer doubles a
+# trial's cost (about 175 s per counter-3 epoch for the SRWM at 2 layers, batch 32, on one core), and one layer is
+# what the heads-of-32 comparison needs.
+AROUND_BEST_LADDERS = (
+    ("learning rate", ({"learning_rate": "1e-4"}, {"learning_rate": "3e-5"})),
+    ("batch size", ({"batch_size": 32}, {"batch_size": 16})),
+    ("width", ({"hidden_size": 256, "n_head": 8, "num_layer": 1},)),
+)
+
+
+def around_best(anchor, ended_score):
+    """The trials one factor away from `anchor` (hparams), as far up each ladder as `ended_score(hparams)` allows:
+    it gives the best score of a trial that has ended, None for one that has not (or has not run)."""
+    trials = []
+    for _, ladder in AROUND_BEST_LADDERS:
+        to_beat = ended_score(anchor)
+        for step in ladder:
+            hparams = {**anchor, **step}
+            if hparams == anchor:
+                continue
+            trials.append(hparams)
+            score = ended_score(hparams)
+            if score is None or to_beat is None or score <= to_beat:
+                break
+            to_beat = score
+    return trials
 
 
 def unique(values):
@@ -77,8 +108,10 @@ def unique(values):
 
 
 def trial_name(hparams, seed):
+    # The batch size is named only where it is not the grid's, so that the grid's trial folders keep their names.
+    batch = "" if hparams["batch_size"] == BATCH_SIZE else f"-b{hparams['batch_size']}"
     return (f"lr{hparams['learning_rate']}-l{hparams['num_layer']}-h{hparams['hidden_size']}-n{hparams['n_head']}"
-            f"-seed{seed}")
+            f"{batch}-seed{seed}")
 
 
 def cell_folder(work_dir, task, model_type):
@@ -87,7 +120,7 @@ def cell_folder(work_dir, task, model_type):
 
 def train_command(task, model_type, hparams, seed, epoch_cap, data_root, folder):
     return ["bash", str(TRAIN_SCRIPT), task, str(model_type), str(hparams["num_layer"]), str(hparams["hidden_size"]),
-            str(hparams["n_head"]), str(FF_FACTOR), str(BATCH_SIZE), hparams["learning_rate"],
+            str(hparams["n_head"]), str(FF_FACTOR), str(hparams["batch_size"]), hparams["learning_rate"],
             "--num_epoch", str(epoch_cap), "--seed", str(seed), "--data_dir", str(Path(data_root) / task),
             "--work_dir", str(folder)]
 
@@ -201,25 +234,28 @@ def trial_status(folder):
 
 
 def choose_best(trials):
-    """The trial with the highest best score; among equals the one that got there in fewest steps."""
+    """The trial with the highest best score; among equals the one that got there on fewest training examples
+    (steps times batch size: fewest steps where the batch sizes agree)."""
     scored = [t for t in trials if t["best_score"] is not None]
-    return max(scored, key=lambda t: (t["best_score"], -t["best_step"])) if scored else None
+    return (max(scored, key=lambda t: (t["best_score"], -t["best_step"] * t["hparams"]["batch_size"]))
+            if scored else None)
 
 
 class StopWhenOutrun:
-    """Ends a trial once another trial of the cell has reached 100 % in fewer steps. Ties on the best mean are
-    broken by steps (choose_best), so such a trial can no longer be chosen. ASHA alone would let it run to the
-    cap: trials that stop at 100 % early never report at its rungs, so a plateaued trial may meet no rival there."""
+    """Ends a trial once another trial of the cell has reached 100 % in fewer epochs (fewer steps where the batch
+    sizes agree). Ties on the best mean are broken that way too (choose_best), so such a trial can no longer be
+    chosen. ASHA alone would let it run to the cap: trials that stop at 100 % early never report at its rungs, so a
+    plateaued trial may meet no rival there."""
 
     def __init__(self):
-        self.solved_at = None  # fewest steps at which a trial of this cell reached 100 %
+        self.solved_at = None  # fewest epochs in which a trial of this cell reached 100 %
 
     def __call__(self, trial_id, result):
         if result.get("best_score", 0.0) >= 100.0:
-            step = result["step"]
-            self.solved_at = step if self.solved_at is None else min(self.solved_at, step)
+            epochs = result["epochs"]
+            self.solved_at = epochs if self.solved_at is None else min(self.solved_at, epochs)
             return False
-        return self.solved_at is not None and result.get("step", 0) >= self.solved_at
+        return self.solved_at is not None and result.get("epochs", 0) >= self.solved_at
 
 
 def mark_if_stopped(folder, result):
@@ -261,12 +297,38 @@ def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None, c
 
 
 class Cell:
-    def __init__(self, args, task, model_type, batches_per_epoch):
+    def __init__(self, args, task, model_type, train_lines):
         self.args, self.task, self.model_type = args, task, model_type
         self.folder = cell_folder(args.work_dir, task, model_type)
-        self.space = search_space(model_type, args.learning_rates, args.layers, args.widths)
-        self.batches_per_epoch = batches_per_epoch
+        self.grid = search_space(model_type, args.learning_rates, args.layers, args.widths)
+        self.train_lines = train_lines
         self.lock = None
+
+    def ended_score(self, hparams):
+        status, best, _, _ = trial_status(self.folder / trial_name(hparams, SEARCH_SEED))
+        return best if status in ("finished", "stopped early") else None
+
+    def anchor(self):
+        """The best trial of the grid once the grid's search has ended (--around_best widens around it), else None."""
+        grid = [self.trial_summary(h) for h in self.grid]
+        if not all(t["status"] in ("finished", "stopped early") for t in grid):
+            return None
+        best = choose_best(grid)
+        return best and best["hparams"]
+
+    @property
+    def space(self):
+        """The grid, and with --around_best the trials around the grid's best that the ended trials call for.
+        Read from the trial folders each time: it grows as the steps of a ladder end."""
+        anchor = self.anchor() if self.args.around_best else None
+        if anchor is None:
+            return self.grid
+        return self.grid + [h for h in around_best(anchor, self.ended_score) if h not in self.grid]
+
+    def trial_summary(self, hparams):
+        status, best, step, epochs = trial_status(self.folder / trial_name(hparams, SEARCH_SEED))
+        return {"name": trial_name(hparams, SEARCH_SEED), "hparams": hparams, "status": status,
+                "best_score": best, "best_step": step, "epochs": epochs}
 
     def claim(self):
         """Whether this driver now has the cell to itself. The kernel drops the lock when the process ends,
@@ -296,7 +358,8 @@ class Cell:
 
     def trial(self, hparams, seed):
         folder = self.folder / trial_name(hparams, seed)
-        return {"folder": str(folder), "batches_per_epoch": self.batches_per_epoch, "run_log": RUN_LOG,
+        return {"folder": str(folder), "batches_per_epoch": math.ceil(self.train_lines / hparams["batch_size"]),
+                "run_log": RUN_LOG,
                 "stopped_marker": STOPPED_MARKER, "pid_file": PID_FILE,
                 "train_script": str(TRAIN_SCRIPT), "repo_root": str(REPO_ROOT),
                 "env": thread_env(self.args.cpus_per_run),
@@ -304,11 +367,8 @@ class Cell:
                                          self.args.data_root, folder)}
 
     def summary(self):
-        trials = []
-        for hparams in self.space:
-            status, best, step, epochs = trial_status(self.folder / trial_name(hparams, SEARCH_SEED))
-            trials.append({"name": trial_name(hparams, SEARCH_SEED), "hparams": hparams, "status": status,
-                           "best_score": best, "best_step": step, "epochs": epochs})
+        space = self.space
+        trials = [self.trial_summary(hparams) for hparams in space]
         best = choose_best(trials)
         seeds = []
         if best is not None:
@@ -316,15 +376,18 @@ class Cell:
                 status, score, step, epochs = trial_status(self.folder / trial_name(best["hparams"], seed))
                 seeds.append({"seed": seed, "name": trial_name(best["hparams"], seed), "status": status,
                               "best_score": score, "epochs": epochs})
+        grid = {"learning_rate": unique(h["learning_rate"] for h in self.grid),
+                "num_layer": unique(h["num_layer"] for h in self.grid),
+                "hidden_size/n_head": unique([h["hidden_size"], h["n_head"]] for h in self.grid),
+                "batch_size": BATCH_SIZE, "ff_factor": FF_FACTOR, "epoch_cap": self.args.epoch_cap,
+                "scheduler": f"ASHA on best mean(valid, valid2) per epoch, grace {ASHA_GRACE_EPOCHS} "
+                             f"epochs, reduction factor {ASHA_REDUCTION}; a trial also stops once "
+                             f"another has reached 100 % in fewer steps"}
+        if len(space) > len(self.grid):
+            grid["around_best"] = {"anchor": trial_name(self.anchor(), SEARCH_SEED),
+                                   "ladders": {factor: list(ladder) for factor, ladder in AROUND_BEST_LADDERS}}
         return {"task": self.task, "model_type": self.model_type, "model": MODEL_NAMES[self.model_type],
-                "space": {"learning_rate": unique(h["learning_rate"] for h in self.space),
-                          "num_layer": unique(h["num_layer"] for h in self.space),
-                          "hidden_size/n_head": unique([h["hidden_size"], h["n_head"]] for h in self.space),
-                          "batch_size": BATCH_SIZE, "ff_factor": FF_FACTOR, "epoch_cap": self.args.epoch_cap,
-                          "scheduler": f"ASHA on best mean(valid, valid2) per epoch, grace {ASHA_GRACE_EPOCHS} "
-                                       f"epochs, reduction factor {ASHA_REDUCTION}; a trial also stops once "
-                                       f"another has reached 100 % in fewer steps"},
-                "trials": trials, "best": best and best["name"], "seeds": seeds}
+                "space": grid, "trials": trials, "best": best and best["name"], "seeds": seeds}
 
     def write_summary(self):
         summary = self.summary()
@@ -344,8 +407,12 @@ class Cell:
         # max_t one above the cap: at the cap main.py ends the trial itself, with its final.json, not the scheduler.
         asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap + 1,
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
-        run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in self.space], resources, f"{name}-search", storage, asha,
-                  StopWhenOutrun(), callbacks)
+        # With --around_best the space grows as ladder steps end: search again until a round adds no trial.
+        searched = []
+        while len(self.space) > len(searched):
+            searched = self.space
+            run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in searched], resources, f"{name}-search", storage,
+                      asha, StopWhenOutrun(), callbacks)
         return self.write_summary()
 
     def seed_trials(self, best):
@@ -448,6 +515,10 @@ def parse_args(argv):
     parser.add_argument("--layers", nargs="+", type=int, default=list(LAYERS), help="layer counts to try")
     parser.add_argument("--widths", nargs="+", default=None, metavar="HIDDENxHEADS",
                         help="hidden sizes and heads to try, e.g. 64x4 128x8 (default: see above)")
+    parser.add_argument("--around_best", action="store_true",
+                        help="once the grid has ended, also try one factor at a time around its best trial: "
+                             "learning rate 1e-4 (then 3e-5), batch 32 (then 16), hidden 256 with 8 heads at 1 layer; "
+                             "a second step only where the first one beat the grid's best")
     parser.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
     parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per trial")
     parser.add_argument("--parallel", type=int, default=None,
@@ -484,7 +555,7 @@ def main(argv=None):
     if args.dry_run:
         for task in args.tasks:
             for model_type in args.models:
-                cell = Cell(args, task, model_type, batches_per_epoch=1)
+                cell = Cell(args, task, model_type, train_lines=1)
                 print(describe(cell.summary()))
                 for hparams in cell.space:
                     print(f"    {trial_name(hparams, SEARCH_SEED)}: "
@@ -510,10 +581,10 @@ def main(argv=None):
     try:
         with stopping_cleanly(lambda: running_pid_files(cells)):
             for task in args.tasks:
-                batches = math.ceil(count_lines(args.data_root / task / "train_50.src") / BATCH_SIZE)
+                train_lines = count_lines(args.data_root / task / "train_50.src")
                 for model_type in args.models:
                     started = time.time()
-                    cell = Cell(args, task, model_type, batches)
+                    cell = Cell(args, task, model_type, train_lines)
                     if not cell.claim():
                         print(f"{cell.label}: skipped, another tune.py is working on it", flush=True)
                         continue

@@ -171,14 +171,78 @@ def test_a_trial_the_scheduler_stopped_replays_even_without_its_checkpoint(tmp_p
     assert tune.trial_status(tmp_path)[0] == "stopped early"
 
 
-def test_a_trial_stops_once_another_solved_the_cell_in_fewer_steps():
+def test_a_trial_stops_once_another_solved_the_cell_in_fewer_epochs():
     stop = tune.StopWhenOutrun()
-    assert not stop("a", {"best_score": 90.0, "step": 500})
-    assert not stop("b", {"best_score": 100.0, "step": 800})  # solved: ends by itself
-    assert not stop("a", {"best_score": 95.0, "step": 700})  # may still solve it in fewer steps
-    assert stop("a", {"best_score": 95.0, "step": 800})
-    assert not stop("c", {"best_score": 100.0, "step": 600})
-    assert stop("a", {"best_score": 99.0, "step": 650})  # c was faster
+    assert not stop("a", {"best_score": 90.0, "epochs": 5.0})
+    assert not stop("b", {"best_score": 100.0, "epochs": 8.0})  # solved: ends by itself
+    assert not stop("a", {"best_score": 95.0, "epochs": 7.0})  # may still solve it in fewer epochs
+    assert stop("a", {"best_score": 95.0, "epochs": 8.0})
+    assert not stop("c", {"best_score": 100.0, "epochs": 6.0})
+    assert stop("a", {"best_score": 99.0, "epochs": 6.5})  # c was faster
+
+
+def test_ties_go_to_the_trial_that_saw_fewest_examples_whatever_its_batch_size():
+    def trial(name, step, batch):
+        return {"name": name, "best_score": 100.0, "best_step": step, "hparams": {"batch_size": batch}}
+    # 300 steps of 32 examples are fewer examples than 200 steps of 64, though more steps.
+    assert tune.choose_best([trial("b64", 200, 64), trial("b32", 300, 32)])["name"] == "b32"
+    assert tune.choose_best([trial("b64", 100, 64), trial("b32", 300, 32)])["name"] == "b64"
+
+
+ANCHOR = {"learning_rate": "3e-4", "num_layer": 2, "hidden_size": 64, "n_head": 4, "batch_size": 64}
+
+
+def test_around_best_tries_the_first_step_of_each_factor_alone():
+    trials = tune.around_best(ANCHOR, lambda h: 63.0 if h == ANCHOR else None)
+    assert trials == [dict(ANCHOR, learning_rate="1e-4"), dict(ANCHOR, batch_size=32),
+                      dict(ANCHOR, hidden_size=256, n_head=8, num_layer=1)]
+    assert [tune.trial_name(h, 1) for h in trials] == ["lr1e-4-l2-h64-n4-seed1", "lr3e-4-l2-h64-n4-b32-seed1",
+                                                       "lr3e-4-l1-h256-n8-seed1"]
+
+
+@pytest.mark.parametrize("lr_score, batch_score, more", [
+    (70.0, 50.0, [dict(ANCHOR, learning_rate="3e-5")]),  # 1e-4 helped: one step further; batch 32 did not
+    (63.0, 64.0, [dict(ANCHOR, batch_size=16)]),  # a tie is no help
+    (None, None, []),  # still running: no second step yet
+])
+def test_around_best_goes_one_step_further_only_where_the_step_helped(lr_score, batch_score, more):
+    scores = {tune.trial_name(ANCHOR, 1): 63.0, "lr1e-4-l2-h64-n4-seed1": lr_score,
+              "lr3e-4-l2-h64-n4-b32-seed1": batch_score, "lr3e-4-l1-h256-n8-seed1": 99.0}
+    trials = tune.around_best(ANCHOR, lambda h: scores.get(tune.trial_name(h, 1)))
+    first = tune.around_best(ANCHOR, lambda h: 63.0 if h == ANCHOR else None)
+    assert sorted(map(str, trials)) == sorted(map(str, first + more))
+
+
+def test_around_best_skips_steps_that_leave_the_anchor_as_it_is():
+    anchor = dict(ANCHOR, hidden_size=256, n_head=8, num_layer=1, learning_rate="1e-4")
+    trials = tune.around_best(anchor, lambda h: None)
+    assert trials == [dict(anchor, learning_rate="3e-5"), dict(anchor, batch_size=32)]
+
+
+def test_a_widened_cell_adds_its_trials_once_the_grid_has_ended_and_runs_them_at_their_batch_size(tmp_path):
+    args = tune.parse_args(["--work_dir", str(tmp_path), "--learning_rates", "1e-3", "3e-3", "--layers", "1",
+                            "--widths", "8x1", "--around_best"])
+    cell = tune.Cell(args, "parity", 0, train_lines=640)
+    grid_names = [tune.trial_name(h, 1) for h in cell.grid]
+    assert [tune.trial_name(h, 1) for h in cell.space] == grid_names  # the grid has not run
+    for name, score in zip(grid_names, (80.0, 90.0)):
+        write_run_dir(cell.folder / name, [{"epoch": 1, "step": 10, "end_of_epoch": True, "valid_acc": score,
+                                            "valid2_acc": score}], finished=True)
+    added = [h for h in cell.space if h not in cell.grid]
+    assert [tune.trial_name(h, 1) for h in added] == ["lr1e-4-l1-h8-n1-seed1", "lr3e-3-l1-h8-n1-b32-seed1",
+                                                      "lr3e-3-l1-h256-n8-seed1"]
+    batch32 = cell.trial(added[1], 1)
+    assert batch32["batches_per_epoch"] == 20 and batch32["command"][8] == "32"
+    assert cell.trial(added[0], 1)["batches_per_epoch"] == 10
+    summary = cell.summary()
+    assert summary["space"]["around_best"]["anchor"] == "lr3e-3-l1-h8-n1-seed1"
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"] + ["not started"] * 3
+    assert not tune.search_ended(summary)
+    sentence = results.around_best_sentence(summary["space"])
+    assert "`lr3e-3-l1-h8-n1-seed1`" in sentence and "batch_size 32 then batch_size 16" in sentence
+    assert results.around_best_sentence(tune.Cell(args, "parity", 1, 640).summary()["space"]) == ""
+    args.around_best = False
+    assert [tune.trial_name(h, 1) for h in cell.space] == grid_names
 
 
 @pytest.mark.parametrize("flags", [["--parallel", "0"], ["--parallel", "2", "--address", "auto"]])
