@@ -421,11 +421,16 @@ class FormalLanguageData:
 
 
 def _read_lines(path, missing_hint):
-    """Token lists of a data file; the file must exist, be non-empty and have no empty line before its end."""
+    """Token lists of a data file; the file must exist, be non-empty and have no empty line before its end.
+
+    A UTF-8 byte-order mark at the start of the file (Windows Notepad writes one) is dropped: it marks the encoding
+    and is not part of the first token. U+FEFF anywhere else is left in its token."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; {missing_hint}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # Decoded as plain UTF-8 and removed afterwards (not "utf-8-sig"), so that the byte offset of a decoding
+        # error still counts from the start of the file.
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
     token_lists = [line.split() for line in text.split("\n")]

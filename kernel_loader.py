@@ -43,6 +43,7 @@ _paths = {}          # operator name -> {description: None}, in order of first u
 _unavailable = {}    # extension name -> why load() returned None
 _warned_caches = set()
 _build_seconds = 0.0
+_building = False    # inside load_source: building, or waiting for another process's build
 
 
 def reference_forced():
@@ -73,6 +74,12 @@ def forget_operator_paths():
 def build_seconds():
     """Seconds this process spent inside load(): building extensions, or waiting for another process's build."""
     return _build_seconds
+
+
+def building():
+    """Whether this process is building an extension (or waiting for another's build) right now. main.py's signal
+    handler stops at once then: a build outlasts a scheduler's grace period."""
+    return _building
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -224,10 +231,11 @@ def _remove_stale_torch_lock(build_dir, ext_name):
 def load_source(ext_name, source, device_type):
     """Build (if needed) and import the extension `ext_name` from one source file; None, with one warning, when
     it cannot be built or the cache cannot be used (the reason is kept for operator_paths). Not cached: use load."""
-    global _build_seconds
+    global _build_seconds, _building
     from torch.utils import cpp_extension
 
     start = time.monotonic()
+    _building = True
     try:
         build_dir = _build_directory(ext_name)
         with _build_lock(build_dir, ext_name):
@@ -258,6 +266,7 @@ def load_source(ext_name, source, device_type):
                       stacklevel=2)
         return None
     finally:
+        _building = False
         _build_seconds += time.monotonic() - start
 
 
@@ -313,12 +322,79 @@ def _warn_unsupported(description):
     warnings.warn(f"{description}; using the PyTorch reference instead (same results, slower)", stacklevel=3)
 
 
-def run_fused(folder, name, reference, num_differentiable, *inputs):
+# The self-check's input: batch 1 and at most this many time steps, the other sizes those of the first real call
+# (the head size decides the kernels' vector paths). Its seed feeds a private generator: the global RNG, which
+# decides a run's initialisation, dropout and data order, must not move.
+SELF_CHECK_STEPS = 5
+SELF_CHECK_SEED = 0
+# Agreement asked of the kernel; a miscompiled kernel is off by far more, a correct one by float rounding only.
+SELF_CHECK_TOLERANCE = {torch.float32: dict(rtol=1e-3, atol=1e-4), torch.float64: dict(rtol=1e-8, atol=1e-10)}
+
+_self_checks = {}    # (operator, device type, dtype, instruction set) -> None (passed) or what went wrong
+
+
+def self_check_input(inputs, num_sequences):
+    """Random tensors shaped like `inputs` with batch 1 and at most SELF_CHECK_STEPS steps in the first
+    `num_sequences` ones (those shaped (B, H, L, ...))."""
+    generator = torch.Generator(device=inputs[0].device).manual_seed(SELF_CHECK_SEED)
+    tiny = []
+    for index, tensor in enumerate(inputs):
+        shape = [1, *tensor.shape[1:]]
+        if index < num_sequences:
+            shape[2] = min(shape[2], SELF_CHECK_STEPS)
+        tiny.append(0.5 * torch.randn(shape, generator=generator, dtype=tensor.dtype, device=tensor.device))
+    return tiny, generator
+
+
+def self_check(ext, reference, num_differentiable, inputs, num_sequences):
+    """None when the fused kernel agrees with the reference on a tiny random input (output and the gradients of
+    the first `num_differentiable` inputs), else what disagreed or failed, in a few words."""
+    tiny, generator = self_check_input(inputs, num_sequences)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():
+        grad_out = None
+        for forward in (lambda *xs: _FusedOp.apply(ext, num_differentiable, *xs), reference):
+            leaves = [t.clone().requires_grad_(i < num_differentiable) for i, t in enumerate(tiny)]
+            try:
+                out = forward(*leaves)
+                if grad_out is None:
+                    grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+                grads = torch.autograd.grad(out, leaves[:num_differentiable], grad_out)
+            except Exception as exc:  # a kernel that fails outright (a CUDA error, ...) has failed its check too
+                return f"it raised {type(exc).__name__}: {_first_line(exc)}"
+            results.append([out.detach(), *grads])
+    tolerance = SELF_CHECK_TOLERANCE.get(inputs[0].dtype, dict(rtol=1e-2, atol=1e-3))
+    for index, (fused, expected) in enumerate(zip(*results)):
+        what = "output" if index == 0 else f"gradient of input {index - 1}"
+        if fused.shape != expected.shape:
+            return f"its {what} has shape {tuple(fused.shape)}, not {tuple(expected.shape)}"
+        if not torch.allclose(fused, expected, **tolerance):
+            return f"its {what} is off by up to {(fused - expected).abs().max().item():.3g}"
+    return None
+
+
+def kernel_trusted(ext, name, reference, num_differentiable, inputs, num_sequences):
+    """Whether the fused kernel may run these inputs: it has passed its self-check for this operator, device,
+    dtype and instruction set in this process. The first failure warns once and is recorded for operator_paths."""
+    device_type = inputs[0].device.type
+    isa = ext.isa() if hasattr(ext, "isa") else device_type
+    key = (name, device_type, inputs[0].dtype, isa)
+    if key not in _self_checks:
+        _self_checks[key] = self_check(ext, reference, num_differentiable, inputs, num_sequences)
+        if _self_checks[key] is not None:
+            warnings.warn(f"{name}: the fused {device_type.upper()} kernel ({isa}, {inputs[0].dtype}) failed its "
+                          f"self-check against the PyTorch reference ({_self_checks[key]}); using the reference "
+                          f"for the rest of this process", stacklevel=3)
+    return _self_checks[key] is None
+
+
+def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequences):
     """Run an operator through its compiled kernel, or through `reference` when no kernel applies.
 
-    The first `num_differentiable` inputs get gradients; the rest (initial states) do not. An extension may expose
-    `supports(*inputs)`; when it says False (a dtype or head size the kernel does not handle), the reference runs.
-    The path taken is recorded under `name` (see operator_paths).
+    The first `num_differentiable` inputs get gradients; the rest (initial states) do not; the first
+    `num_sequences` are shaped (B, H, L, ...). An extension may expose `supports(*inputs)`; when it says False (a
+    dtype or head size the kernel does not handle), the reference runs. So it does when the kernel has failed its
+    self-check (kernel_trusted). The path taken is recorded under `name` (see operator_paths).
     """
     device_type = inputs[0].device.type
     ext = extension_for(folder, name, inputs[0])
@@ -331,6 +407,11 @@ def run_fused(folder, name, reference, num_differentiable, *inputs):
                   f"{sizes}")
         record_path(name, f"PyTorch reference ({detail})")
         _warn_unsupported(f"{folder}.{name}: the {detail}")
+        return reference(*inputs)
+    if not kernel_trusted(ext, name, reference, num_differentiable, inputs, num_sequences):
+        key = (name, device_type, inputs[0].dtype, ext.isa() if hasattr(ext, "isa") else device_type)
+        record_path(name, f"PyTorch reference (the fused {device_type.upper()} kernel failed its self-check: "
+                          f"{_self_checks[key]})")
         return reference(*inputs)
     record_path(name, f"fused {device_type.upper()} kernel")
     return _FusedOp.apply(ext, num_differentiable, *(t.contiguous() for t in inputs))

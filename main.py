@@ -5,40 +5,61 @@ Takes the original flags verbatim (plus --device and --resume). Each run gets it
 latest_model.pt and, once finished, final.json. A run with latest_model.pt but no final.json continues exactly
 where its last evaluation left off with `python main.py --resume RUN_DIR`.
 """
-import argparse
-import hashlib
-import json
-import logging
-import math
-import os
-import shlex
-import shutil
 import signal
-import subprocess
 import sys
-import threading
-import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
 
-import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+# A scheduler's SIGTERM or a Ctrl-C may come while the imports below run (a second or more, most of it torch): from
+# here on it is noted, neither lost nor a traceback, and main() stops before training as for any early signal. Only
+# when run as a script: importing this module (tests, notebooks) must not take over the importer's signals.
+EARLY_SIGNALS = []
 
-import data
-import kernel_loader
-from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params
-from utils import (LOGGER_NAME, capture_rng_state, close_logging, epoch_order, evaluate, load_checkpoint,
-                   restore_rng_state, save_checkpoint, seed_everything, sequence_loss, setup_logging,
-                   write_text_atomic)
+
+def note_early_signal(signum, frame):
+    EARLY_SIGNALS.append(signum)
+    if len(EARLY_SIGNALS) > 1:  # a second signal stops at once, with the status of the first
+        print("Stopped before training started: nothing to resume.", file=sys.stderr, flush=True)
+        raise SystemExit(128 + EARLY_SIGNALS[0])
+
+
+if __name__ == "__main__":
+    for early_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(early_signal, note_early_signal)
+
+import argparse  # noqa: E402 (the handlers above come first)
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from datetime import datetime  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+import data  # noqa: E402
+import kernel_loader  # noqa: E402
+from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
+from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, epoch_order, evaluate,  # noqa: E402
+                   first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything, sequence_loss,
+                   setup_logging, write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
 EVAL_BATCH_SIZE = 64
+# What latest_model.pt holds (save_latest); a file without one of them is not a checkpoint this run can resume from.
+LATEST_KEYS = ("model", "optimizer", "grads", "progress", "rng")
+BEST_KEYS = ("model", "best")
 # Flags that --resume accepts besides the run directory; every other flag comes from the run's args.json.
 RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "device")
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 128 + signal.SIGINT
+EXIT_USAGE, EXIT_DIVERGED = 2, 1
 
 
 class UsageError(Exception):
@@ -49,20 +70,24 @@ class NonFiniteLoss(Exception):
     pass
 
 
-class StopSignal(Exception):
-    """SIGINT or SIGTERM arrived; raised at the end of the current batch, once latest_model.pt holds that point."""
+class StopSignal(BaseException):
+    """SIGINT or SIGTERM arrived. Raised at the end of the current batch, once latest_model.pt holds that point, or
+    `at_once` (a second signal, or one during a kernel build) wherever the run is. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (torch's build code, a library) swallows it."""
 
-    def __init__(self, signum):
+    def __init__(self, signum, at_once=False):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.at_once = signum, at_once
 
 
 class SignalCatcher:
     """Inside `with`: the first SIGINT or SIGTERM is only noted, so that training stops cleanly at the end of the
-    current batch; a second one stops at once (KeyboardInterrupt)."""
+    current batch; a second one stops at once, and so does the first while a kernel builds (a build takes up to a
+    minute, longer than a scheduler's grace before SIGKILL; the next run builds again). The exit status is that of
+    the first signal. A signal noted before `with` (EARLY_SIGNALS) counts as received."""
 
     def __init__(self):
-        self.received = None
+        self.received = EARLY_SIGNALS[0] if EARLY_SIGNALS else None
         self.previous = {}
 
     def __enter__(self):
@@ -72,8 +97,14 @@ class SignalCatcher:
 
     def note(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise StopSignal(self.received, at_once=True)
         self.received = signum
+        if kernel_loader.building():
+            raise StopSignal(signum, at_once=True)
+
+    def stop_if_received(self):
+        if self.received is not None:
+            raise StopSignal(self.received)
 
     def __exit__(self, *exc_info):
         for sig, handler in self.previous.items():
@@ -365,18 +396,27 @@ class Run:
                         self.path("latest_model.pt"))
 
     def restore_latest(self):
-        state = load_checkpoint(self.path("latest_model.pt"), self.device)
-        if "last_score" not in state["progress"]:
-            raise UsageError(f"{self.run_dir} was written by an earlier main.py with another training loop; "
-                             f"it cannot be resumed exactly: start the run again")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for param, grad in zip(self.model.parameters(), state["grads"]):
-            param.grad = grad
-        progress = dict(state["progress"])
-        progress["best"] = Best(**progress["best"])
-        self.progress = Progress(**progress)
-        restore_rng_state(state["rng"])
+        path = self.path("latest_model.pt")
+        state = load_checkpoint(path, LATEST_KEYS, self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if len(state["grads"]) != len(list(self.model.parameters())):
+                raise ValueError(f"{len(state['grads'])} gradients for {len(list(self.model.parameters()))} "
+                                 f"parameters")
+            for param, grad in zip(self.model.parameters(), state["grads"]):
+                param.grad = grad
+            progress = dict(state["progress"])
+            progress["best"] = Best(**progress["best"])
+            self.progress = Progress(**progress)
+            restore_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's model and training state "
+                                  f"({type(exc).__name__}: {first_line(exc)})") from None
+        # The run's end reads best_model.pt: a file that cannot be opened safely is refused now, before the resumed
+        # run has written anything.
+        if os.path.exists(self.path("best_model.pt")):
+            load_checkpoint(self.path("best_model.pt"), BEST_KEYS, self.device)
 
     def save_best(self):
         save_checkpoint({"model": self.model.state_dict(), "best": asdict(self.progress.best)},
@@ -503,7 +543,11 @@ class Run:
         else:
             log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
                 f"at epoch: {best.epoch} (step {best.step})")
-            self.model.load_state_dict(load_checkpoint(self.path("best_model.pt"), self.device)["model"])
+            best_path = self.path("best_model.pt")
+            try:
+                self.model.load_state_dict(load_checkpoint(best_path, BEST_KEYS, self.device)["model"])
+            except RuntimeError as exc:  # another model's weights
+                raise CheckpointError(f"{best_path}: does not fit this run's model ({first_line(exc)})") from None
             results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
                        for name, split in self.data.splits.items() if name != "train"}
             final.update(valid_acc=results["valid"].acc, valid2_acc=results["test"].acc,
@@ -580,11 +624,21 @@ def start_run(args, run_dir, dataset, device, resuming):
     return run
 
 
-def stop_message(run, cause, argv):
-    """What was kept when a signal stopped the run, and the command that carries on."""
-    if os.path.exists(run.path("latest_model.pt")):
-        return f"Stopped by {cause}. Continue with: python main.py --resume {run.run_dir}"
-    return (f"Stopped by {cause} before the first checkpoint: there is nothing to resume. Start again with: "
+def as_stop_signal(exc):
+    """A KeyboardInterrupt is a Ctrl-C where main() could not install its handlers (main() called from another
+    thread than the main one): an immediate SIGINT."""
+    return exc if isinstance(exc, StopSignal) else StopSignal(signal.SIGINT, at_once=True)
+
+
+def stop_message(run_dir, stop, step, argv):
+    """What was kept when signal `stop` ended the run after `step` steps (None: before training), and the command
+    that carries on."""
+    when = "before training started" if step is None else f"after step {step}"
+    if run_dir is not None and os.path.exists(os.path.join(run_dir, "latest_model.pt")):
+        kept = ("latest_model.pt holds this point" if step is not None and not stop.at_once
+                else "latest_model.pt is the last checkpoint")
+        return f"Stopped by {stop} {when} ({kept}). Continue with: python main.py --resume {run_dir}"
+    return (f"Stopped by {stop} {when}, before the first checkpoint: there is nothing to resume. Start again with: "
             f"python main.py {shlex.join(argv)}")
 
 
@@ -600,13 +654,16 @@ def train_and_report(run, argv, resuming):
             run.log(f"Stopping: {exc}; reporting the best checkpoint so far.")
             stopped, exit_code = "non_finite_loss", EXIT_DIVERGED
         run.finish(stopped)
-    except StopSignal as stop:
+        if run.signals.received is not None:  # it came during the final evaluation, which was let finish
+            run.log(f"{signal.Signals(run.signals.received).name} arrived during the final evaluation: the run "
+                    f"finished first (final.json).")
+    except (StopSignal, KeyboardInterrupt) as exc:
+        stop = as_stop_signal(exc)
         exit_code, interrupted = 128 + stop.signum, True
-        run.log(stop_message(run, f"{stop} after step {run.progress.step} (latest_model.pt holds this point)",
-                             argv))
-    except KeyboardInterrupt:
-        exit_code, interrupted = EXIT_INTERRUPTED, True
-        run.log(stop_message(run, "a second signal, at once (latest_model.pt is the last checkpoint)", argv))
+        run.log(stop_message(run.run_dir, stop, run.progress.step, argv))
+    except CheckpointError as exc:  # a full disk, or a best_model.pt that cannot be opened safely
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        exit_code = EXIT_USAGE
     finally:
         run.finish_wandb(exit_code)
         close_logging()
@@ -620,17 +677,20 @@ def main(argv=None):
     with SignalCatcher() as signals:
         run_dir = resuming = None
         try:
+            signals.stop_if_received()  # noted while Python imported torch and the rest
             args, run_dir, dataset, device, resuming = prepare(argv)
+            signals.stop_if_received()
             run = start_run(args, run_dir, dataset, device, resuming)
-        except UsageError as exc:
+        except (UsageError, CheckpointError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except KeyboardInterrupt:  # a second signal while setting up
+        except (StopSignal, KeyboardInterrupt) as exc:  # while setting up: nothing was trained
+            stop = as_stop_signal(exc)
             close_logging()
-            if run_dir is not None and not resuming and not os.path.exists(os.path.join(run_dir, "latest_model.pt")):
+            if run_dir is not None and not resuming:
                 shutil.rmtree(run_dir, ignore_errors=True)
-            print("Stopped before training started: nothing to resume.", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print(stop_message(run_dir if resuming else None, stop, None, argv), file=sys.stderr, flush=True)
+            return 128 + stop.signum
         run.signals = signals
         return train_and_report(run, argv, resuming)
 

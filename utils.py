@@ -1,7 +1,11 @@
 """What main.py needs besides the models and the data: evaluation, logging, checkpoints and RNG state."""
+import contextlib
 import logging
 import os
+import pickle
 import random
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -69,6 +73,9 @@ def evaluate(model, split, pad, batch_size):
 def setup_logging(log_path):
     """A logger writing bare messages to stdout and appending them to `log_path`; replaces earlier handlers so
     that main() can run several times in one process (tests)."""
+    # A log line that cannot be written (a full disk) must not print a traceback per line: main.py reports the
+    # failed checkpoint write in one line and stops.
+    logging.raiseExceptions = False
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -90,16 +97,75 @@ def close_logging():
 # Checkpoints
 
 
+# 2: loadable by torch's weights-only unpickler (RNG states as tensors). Checkpoints without this key were written
+# by main.py before that and hold NumPy objects, which that unpickler refuses.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written or safely read; the message is one line that names the file."""
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def save_checkpoint(state, path):
-    """torch.save through a temporary file and an atomic rename: a kill never leaves a half-written file."""
+    """torch.save through a temporary file and an atomic rename: a kill or a full disk never leaves a half-written
+    file in place of the previous checkpoint."""
     tmp_path = f"{path}.tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp_path)
+        os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write (ENOSPC, EFBIG, EIO) as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        kept = "the previous one is kept" if os.path.exists(path) else "there was none before"
+        raise CheckpointError(f"{path}: cannot write it ({first_line(exc)}; free space: "
+                              f"{free_bytes(path)}); {kept}") from None
 
 
-def load_checkpoint(path, device="cpu"):
-    # Our own checkpoints hold RNG states and plain containers besides tensors, hence weights_only=False.
-    return torch.load(path, map_location=device, weights_only=False)
+def free_bytes(path):
+    try:
+        return f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free} bytes"
+    except OSError:
+        return "unknown"
+
+
+def load_checkpoint(path, required=(), device="cpu"):
+    """A checkpoint of main.py, read by torch's weights-only unpickler only: tensors and plain containers, never an
+    object whose unpickling could run code, so a run directory from anyone is safe to open. CheckpointError when
+    the file is missing, unreadable, truncated, needs more than that unpickler allows, or lacks a `required` key."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or first_line(exc)})") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle at all
+            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+            raise CheckpointError(f"{path}: not a readable checkpoint, truncated or another kind of file "
+                                  f"({detail.group(1) if detail else first_line(exc)})") from None
+        if found.group(1).startswith("numpy"):
+            raise CheckpointError(f"{path}: written by an earlier main.py, whose checkpoints cannot be opened "
+                                  f"safely (they hold NumPy objects); start the run again") from None
+        raise CheckpointError(f"{path}: not opened: loading it would need {found.group(1)}, which a checkpoint of "
+                              f"main.py never holds and which could run code") from None
+    except Exception as exc:  # truncated or not a torch file: torch raises RuntimeError, KeyError, EOFError, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or another kind of file "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of main.py (it holds a {type(state).__name__})")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by an earlier main.py (checkpoint format {state.get('format', 1)}, "
+                              f"this one reads {CHECKPOINT_FORMAT}); start the run again")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of main.py (no {', '.join(missing)})")
+    return state
 
 
 def write_text_atomic(path, text):
@@ -136,14 +202,23 @@ def epoch_order(num_examples):
 
 
 def capture_rng_state():
-    """Every random state training reads: Python, NumPy, torch CPU and CUDA (data order and dropout)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random state training reads: Python, NumPy, torch CPU and CUDA (data order and dropout), as tensors and
+    plain numbers, so that the checkpoint loads with the weights-only unpickler."""
+    version, python_internal, gauss_next = random.getstate()
+    _, numpy_keys, numpy_pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {"python": {"version": version, "internal": torch.tensor(python_internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "numpy": {"keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -9,7 +9,8 @@ def fast_weight_sum(q, k, v, W0):
 
     W_t = W_{t-1} + outer(k_t, v_t);  out_t = q_t @ W_t.  FWP_FORCE_REFERENCE=1 selects the PyTorch loop.
     """
-    return run_fused("fast_transformers", "fast_weight_sum", fast_weight_sum_reference, 3, q, k, v, W0)
+    return run_fused("fast_transformers", "fast_weight_sum", fast_weight_sum_reference, 3, q, k, v, W0,
+                     num_sequences=3)
 
 
 __all__ = ["fast_weight_sum", "fast_weight_sum_reference"]

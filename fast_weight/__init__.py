@@ -9,7 +9,8 @@ def delta_net_fn(q, k, v, beta, W0):
 
     Gradients for q, k, v, beta. FWP_FORCE_REFERENCE=1 selects the PyTorch loop.
     """
-    return run_fused("fast_weight", "delta_net", delta_net_reference, 4, q, k, v, beta, W0)
+    return run_fused("fast_weight", "delta_net", delta_net_reference, 4, q, k, v, beta, W0,
+                     num_sequences=4)
 
 
 __all__ = ["delta_net_fn", "delta_net_reference"]

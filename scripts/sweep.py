@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,9 @@ RUN_LOG = "run.log"
 PID_FILE = "main.pid"
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.sh"
 RAY_MISSING = "sweep.py needs Ray, which is not installed: pip install -r requirements-sweep.txt"
+# How long the cluster of --address has to accept a connection. ray.init alone retries an address where nothing
+# answers for minutes (20 tries of up to 40 s each) before it raises.
+CLUSTER_CONNECT_TIMEOUT_S = 10
 
 
 class SweepError(Exception):
@@ -161,6 +165,50 @@ def import_ray():
     return ray
 
 
+def check_cluster_answers(address):
+    """Raises SweepError unless something accepts a connection where ray.init(address=address) would connect."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        # A Ray Client address (ray://HOST:PORT) names its server; Ray resolves the others as ray.init does: "auto"
+        # to the cluster of the last `ray start`, localhost to this node's IP, where a cluster of this node listens.
+        target = address.split("://", 1)[1] if "://" in address else canonicalize_bootstrap_address_or_die(address)
+        host, _, port = target.rpartition(":")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:  # OSError: refused, timed out, no such host, or Ray found no cluster
+        raise SweepError(f"no Ray cluster answers at {address}: {exc}") from None
+
+
+def start_ray(ray, address, num_cpus=None):
+    """Joins the cluster at `address`; without one, starts a private local instance with `num_cpus` CPUs (all of
+    the machine's by default). SweepError when the cluster does not answer."""
+    if address is None:
+        # "local": a new instance even where RAY_ADDRESS, or the record an earlier `ray start` left in Ray's temp
+        # folder (ray_current_cluster, still there when that cluster was killed), names another. ray.init()
+        # would join that cluster, or wait for minutes on a dead one.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        return
+    check_cluster_answers(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise SweepError(f"cannot join the Ray cluster at {address}: {str(exc).strip().splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def ray_running(ray, address, num_cpus=None):
+    """Inside: Ray is initialised. An instance the caller already has (the tests' one) is used and left running;
+    otherwise start_ray's, shut down on the way out."""
+    if ray.is_initialized():
+        yield
+        return
+    start_ray(ray, address, num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def final_accuracies(run_dir):
     with open(Path(run_dir) / "final.json") as f:
         final = json.load(f)
@@ -235,15 +283,11 @@ def stopping_cleanly(own_pid_files):
             signal.signal(signum, old)
 
 
-def launch(ray, jobs, cpus_per_run, address, total, done):
-    """Run `jobs` [(config, folder, command)] as Ray tasks; print one progress line as each ends.
+def launch(ray, jobs, cpus_per_run, total, done):
+    """Run `jobs` [(config, folder, command)] as Ray tasks (Ray initialised); print one progress line as each ends.
 
     Returns the labels of the configurations that failed. Ctrl-C or SIGTERM lets the running main.py save first.
     """
-    own_instance = not ray.is_initialized()
-    if own_instance:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-
     # Defined here so that Ray ships it by value: workers need not be able to import this script.
     @ray.remote(num_cpus=cpus_per_run)
     def run_logged(command, log_path, pid_path, env_overrides, cwd):
@@ -265,22 +309,18 @@ def launch(ray, jobs, cpus_per_run, address, total, done):
         ref = run_logged.remote(command, str(folder / RUN_LOG), str(folder / PID_FILE), env, str(REPO_ROOT))
         pending[ref] = (config, folder)
     failed = []
-    try:
-        with stopping_cleanly(lambda: [folder / PID_FILE for _, folder, _ in jobs]):
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                config, folder = pending.pop(ref)
-                try:
-                    status, is_failure = outcome(folder, ray.get(ref))
-                except ray.exceptions.RayError as exc:
-                    status, is_failure = f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True
-                done += 1
-                print(f"[{done}/{total}] {config.label}: {status}", flush=True)
-                if is_failure:
-                    failed.append(config.label)
-    finally:
-        if own_instance:
-            ray.shutdown()
+    with stopping_cleanly(lambda: [folder / PID_FILE for _, folder, _ in jobs]):
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            config, folder = pending.pop(ref)
+            try:
+                status, is_failure = outcome(folder, ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                status, is_failure = f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True
+            done += 1
+            print(f"[{done}/{total}] {config.label}: {status}", flush=True)
+            if is_failure:
+                failed.append(config.label)
     return failed
 
 
@@ -297,7 +337,8 @@ def parse_args(argv):
     parser.add_argument("--bins", type=int, default=3, help="length bins of generated datasets (data.py --bins)")
     parser.add_argument("--extra", default="",
                         help='flags appended to every main.py command, e.g. --extra="--num_epoch 3"')
-    parser.add_argument("--address", help="address of an existing Ray cluster (default: start a local instance)")
+    parser.add_argument("--address", help="address of an existing Ray cluster (default: start a private local "
+                                          "instance, whatever RAY_ADDRESS or an earlier `ray start` say)")
     parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per run")
     parser.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
     return parser.parse_args(argv)
@@ -342,9 +383,13 @@ def main(argv=None):
     if args.dry_run or not jobs:
         return 0
 
-    prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
     try:
-        failed = launch(ray, jobs, args.cpus_per_run, args.address, total, done)
+        with ray_running(ray, args.address):  # first: a cluster that does not answer ends the sweep at once
+            prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
+            failed = launch(ray, jobs, args.cpus_per_run, total, done)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("Interrupted: the running configurations saved their latest checkpoint; run the same command again "
               "to continue.", file=sys.stderr, flush=True)

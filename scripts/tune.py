@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sweep import (PID_FILE, REPO_ROOT, RUN_LOG, TRAIN_SCRIPT, SweepError, import_ray, prepare_data,  # noqa: E402
-                   run_dirs, stopping_cleanly, thread_env)
+                   ray_running, run_dirs, stopping_cleanly, thread_env)
 from data import TASKS  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, RNN_TYPES  # noqa: E402
 
@@ -139,6 +139,7 @@ def run_trial(tune_config):
     import shutil
     import signal
     import subprocess
+    import sys
     import time
     from pathlib import Path
 
@@ -189,8 +190,12 @@ def run_trial(tune_config):
     with open(folder / config["run_log"], "a") as log:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, cwd=config["repo_root"], env=dict(os.environ, **config["env"]), stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=stop_with_parent)
+        # The worker's interpreter runs main.py, as in sweep.py, not the PATH's `python`, which may lack torch: on a
+        # local instance it is the driver's (Ray starts its workers with it); on a cluster, the one the node runs
+        # Ray with, where the driver's path may not exist.
+        env = dict(os.environ, **config["env"], PYTHON=sys.executable)
+        proc = subprocess.Popen(command, cwd=config["repo_root"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=stop_with_parent)
     pid_file = folder / config["pid_file"]
     pid_file.write_text(f"{proc.pid}\n")
     try:
@@ -281,7 +286,8 @@ def short_trial_name(trial):
 
 
 def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None, callbacks=()):
-    """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed."""
+    """Run `trials` (dicts for run_trial) as one Ray Tune experiment; prints the trials that failed and returns
+    their names. A trial the scheduler or the stopper ended has not failed."""
     tuner = tune.Tuner(tune.with_resources(run_trial, resources),
                        param_space={"trial": tune.grid_search(trials)},
                        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False,
@@ -289,11 +295,13 @@ def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None, c
                                                    trial_dirname_creator=short_trial_name),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper,
                                                  callbacks=[stop_marker_callback(tune), *callbacks]))
+    failed = []
     for result in tuner.fit():
         if result.error:
-            first_line = str(result.error).strip().splitlines()[0]
-            print(f"warning: trial {Path(result.config['trial']['folder']).name} failed in Ray: {first_line}",
-                  flush=True)
+            name = Path(result.config["trial"]["folder"]).name
+            print(f"warning: trial {name} failed in Ray: {str(result.error).strip().splitlines()[0]}", flush=True)
+            failed.append(name)
+    return failed
 
 
 class Cell:
@@ -398,7 +406,7 @@ class Cell:
         return summary
 
     def search(self, tune, callbacks=()):
-        """Runs (or replays) the cell's trials; writes and returns its summary."""
+        """Runs (or replays) the cell's trials; writes its summary, returns it and the trials that failed."""
         from ray.tune.schedulers import ASHAScheduler
 
         resources = {"cpu": self.args.cpus_per_run}
@@ -408,12 +416,14 @@ class Cell:
         asha = ASHAScheduler(time_attr="epochs", metric="best_score", mode="max", max_t=self.args.epoch_cap + 1,
                              grace_period=min(ASHA_GRACE_EPOCHS, self.args.epoch_cap), reduction_factor=ASHA_REDUCTION)
         # With --around_best the space grows as ladder steps end: search again until a round adds no trial.
-        searched = []
+        searched, failed = [], []
         while len(self.space) > len(searched):
             searched = self.space
-            run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in searched], resources, f"{name}-search", storage,
-                      asha, StopWhenOutrun(), callbacks)
-        return self.write_summary()
+            # Each round runs every trial of the space (those that ended only replay), so its failures are the
+            # cell's: a trial that failed in an earlier round has been retried.
+            failed = run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in searched], resources, f"{name}-search",
+                               storage, asha, StopWhenOutrun(), callbacks)
+        return self.write_summary(), [f"{self.label} {name}" for name in failed]
 
     def seed_trials(self, best):
         """The seed runs of the configuration of trial `best` (a trial name)."""
@@ -431,6 +441,7 @@ class Seeds:
         self.ray = ray
         self.remote_trial = ray.remote(num_cpus=cpus_per_run)(run_trial)
         self.pending = []  # (cell, start time, trials, task references)
+        self.failed = []  # the seed runs that failed, as "<cell> <trial>"
 
     def start(self, cell, best, started):
         trials = cell.seed_trials(best)
@@ -449,8 +460,9 @@ class Seeds:
                 try:
                     self.ray.get(ref)
                 except Exception as exc:  # main.py failed: say so and go on; a relaunch resumes the run
-                    print(f"warning: trial {Path(trial['folder']).name} failed in Ray: "
-                          f"{str(exc).strip().splitlines()[-1]}", flush=True)
+                    name = Path(trial["folder"]).name
+                    print(f"warning: trial {name} failed in Ray: {str(exc).strip().splitlines()[-1]}", flush=True)
+                    self.failed.append(f"{cell.label} {name}")
             print_cell(cell.write_summary(), started)
             cell.release()
         self.pending = still_running
@@ -519,7 +531,8 @@ def parse_args(argv):
                         help="once the grid has ended, also try one factor at a time around its best trial: "
                              "learning rate 1e-4 (then 3e-5), batch 32 (then 16), hidden 256 with 8 heads at 1 layer; "
                              "a second step only where the first one beat the grid's best")
-    parser.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
+    parser.add_argument("--address", help="address of an existing Ray cluster (default: a private local instance, "
+                                          "whatever RAY_ADDRESS or an earlier `ray start` say)")
     parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per trial")
     parser.add_argument("--parallel", type=int, default=None,
                         help="trials at a time on the local Ray instance (default: one per --cpus_per_run CPUs)")
@@ -544,10 +557,36 @@ def running_pid_files(cells):
     return [pid_file for cell in cells if cell.lock is not None for pid_file in cell.folder.glob(f"*/{PID_FILE}")]
 
 
-def start_ray(ray, args):
-    """A local Ray instance with CPUs for --parallel trials (all of the machine's by default), or --address's."""
-    num_cpus = None if args.parallel is None else args.parallel * args.cpus_per_run
-    ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+def local_cpus(args):
+    """The CPUs of the local Ray instance: enough for --parallel trials; None (all of the machine's) by default."""
+    return None if args.parallel is None else args.parallel * args.cpus_per_run
+
+
+def search_cells(args, ray, tune):
+    """Searches each cell of the command that no other driver holds, each cell's seeds going on in the background
+    while the next cell is searched. Returns the trials (search trials and seed runs) that failed."""
+    seeds = Seeds(ray, args.cpus_per_run)
+    cells, failed = [], []
+    with stopping_cleanly(lambda: running_pid_files(cells)):
+        for task in args.tasks:
+            train_lines = count_lines(args.data_root / task / "train_50.src")
+            for model_type in args.models:
+                started = time.time()
+                cell = Cell(args, task, model_type, train_lines)
+                if not cell.claim():
+                    print(f"{cell.label}: skipped, another tune.py is working on it", flush=True)
+                    continue
+                cells.append(cell)
+                summary, search_failed = cell.search(tune, [seeds.tune_callback(tune)])
+                failed += search_failed
+                if ready_for_seeds(summary):
+                    seeds.start(cell, summary["best"], started)
+                else:
+                    print_cell(summary, started)
+                    cell.release()
+                seeds.finish(wait=False)
+        seeds.finish(wait=True)
+    return failed + seeds.failed
 
 
 def main(argv=None):
@@ -567,43 +606,26 @@ def main(argv=None):
     except (SweepError, ImportError) as exc:
         print(f"error: {exc} (pip install -r requirements-sweep.txt)", file=sys.stderr)
         return 2
-    prepare_data(args.tasks, args.data_root, bins=3)
     # Ray Tune would turn Ctrl-C into a normal end of the current cell and go on with the next one; we want it to
     # stop everything (trials checkpoint through main.py's SIGTERM handling) and leave no scheduler verdicts behind.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    own_instance = not ray.is_initialized()
-    if own_instance:
-        start_ray(ray, args)
-    from ray import cloudpickle
-    cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
-    seeds = Seeds(ray, args.cpus_per_run)
-    cells = []
     try:
-        with stopping_cleanly(lambda: running_pid_files(cells)):
-            for task in args.tasks:
-                train_lines = count_lines(args.data_root / task / "train_50.src")
-                for model_type in args.models:
-                    started = time.time()
-                    cell = Cell(args, task, model_type, train_lines)
-                    if not cell.claim():
-                        print(f"{cell.label}: skipped, another tune.py is working on it", flush=True)
-                        continue
-                    cells.append(cell)
-                    summary = cell.search(tune, [seeds.tune_callback(tune)])
-                    if ready_for_seeds(summary):
-                        seeds.start(cell, summary["best"], started)
-                    else:
-                        print_cell(summary, started)
-                        cell.release()
-                    seeds.finish(wait=False)
-            seeds.finish(wait=True)
+        with ray_running(ray, args.address, local_cpus(args)):  # first: a cluster that does not answer ends it at once
+            prepare_data(args.tasks, args.data_root, bins=3)
+            from ray import cloudpickle
+            cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
+            failed = search_cells(args, ray, tune)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("Interrupted: the running trials saved their latest checkpoint; run the same command again to continue.",
               file=sys.stderr, flush=True)
         return 130
-    finally:
-        if own_instance:
-            ray.shutdown()
+    if failed:
+        print(f"{len(failed)} trial(s) failed (run the same command again to resume them): {'; '.join(failed)}",
+              flush=True)
+        return 1
     return 0
 
 

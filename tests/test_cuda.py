@@ -51,10 +51,11 @@ def srwm_inputs(B, H, L, D, gen):
 
 # name: (folder, kernel base name, reference, number of differentiable inputs, input maker)
 OPS = {
-    "sum": ("fast_transformers", "fast_weight_sum", fast_weight_sum_reference, 3, sum_inputs),
-    "delta": ("fast_weight", "delta_net", delta_net_reference, 4, delta_inputs),
-    "rec": ("rec_update_fwm_tanh", "rec_delta", rec_delta_reference, 8, rec_inputs),
-    "srwm": ("self_ref_v0", "self_ref_v0", self_ref_v0_reference, 5, srwm_inputs),
+    # folder, operator, reference, differentiable inputs, input maker, sequence inputs
+    "sum": ("fast_transformers", "fast_weight_sum", fast_weight_sum_reference, 3, sum_inputs, 3),
+    "delta": ("fast_weight", "delta_net", delta_net_reference, 4, delta_inputs, 4),
+    "rec": ("rec_update_fwm_tanh", "rec_delta", rec_delta_reference, 8, rec_inputs, 4),
+    "srwm": ("self_ref_v0", "self_ref_v0", self_ref_v0_reference, 5, srwm_inputs, 1),
 }
 
 # Awkward shapes: (B, H, L, E, M) for sum and delta, (B, H, L, D) for rec and srwm. L = 1, odd L, B = 1, H = 1,
@@ -93,7 +94,7 @@ def run_with_grads(op, inputs, grad_out, dtype):
     """Output and gradients of the differentiable inputs through the dispatcher, in `dtype`."""
     folder, name, reference, n_diff = OPS[op][:4]
     leaves = [x.to(dtype).requires_grad_(i < n_diff) for i, x in enumerate(inputs)]
-    out = kernel_loader.run_fused(folder, name, reference, n_diff, *leaves)
+    out = kernel_loader.run_fused(folder, name, reference, n_diff, *leaves, num_sequences=OPS[op][5])
     grads = torch.autograd.grad(out, leaves[:n_diff], grad_out.to(dtype), allow_unused=True)
     return out, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
@@ -167,8 +168,8 @@ def test_unsupported_inputs_fall_back_with_one_warning(op, shape, dtype):
     assert not extension(op).supports(*inputs)
     kernel_loader._warn_unsupported.cache_clear()
     with pytest.warns(UserWarning, match="does not handle") as record:
-        out = kernel_loader.run_fused(folder, name, reference, n_diff, *inputs)
-        kernel_loader.run_fused(folder, name, reference, n_diff, *inputs)
+        out = kernel_loader.run_fused(folder, name, reference, n_diff, *inputs, num_sequences=OPS[op][5])
+        kernel_loader.run_fused(folder, name, reference, n_diff, *inputs, num_sequences=OPS[op][5])
     assert sum("does not handle" in str(w.message) for w in record) == 1
     torch.testing.assert_close(out, reference(*inputs))
 

@@ -5,6 +5,7 @@ sampling or target code: membership by regular expressions and bracket reduction
 allows next.
 """
 import functools
+import hashlib
 import inspect
 import os
 import re
@@ -201,11 +202,12 @@ def generated(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def with_bin2(tmp_path_factory):
-    """All eight tasks written by write_task with seed 1 and bins=2: the folder holding <task>/."""
+def with_bins(tmp_path_factory):
+    """All eight tasks written by write_task with seed 1 and bins=3 (what `python data.py --task all --bins 3`
+    writes): the folder holding <task>/."""
     out = tmp_path_factory.mktemp("bins")
     for task in data.TASKS:
-        data.write_task(task, out / task, seed=1, bins=2)
+        data.write_task(task, out / task, seed=1, bins=3)
     return out
 
 
@@ -270,13 +272,27 @@ def test_shuffle_inputs_are_nested(generated):
 
 
 @pytest.mark.parametrize("task", data.TASKS)
-def test_extra_bins(generated, with_bin2, task):
-    """bins=2 adds a genuinely longer bin2 and leaves train/valid/test byte-identical (same seed)."""
+def test_extra_bins(generated, with_bins, task):
+    """Extra bins add a genuinely longer bin2 and leave train/valid/test byte-identical (same seed)."""
     for split in GENERATED_SPLITS:
         for suffix in ("src", "tgt"):
             name = f"{split}_50.{suffix}"
-            assert (with_bin2 / task / name).read_bytes() == (generated / task / name).read_bytes()
-    check_split(task, "bin2", *read_words(with_bin2 / task, "bin2"))
+            assert (with_bins / task / name).read_bytes() == (generated / task / name).read_bytes()
+    check_split(task, "bin2", *read_words(with_bins / task, "bin2"))
+
+
+# sha256 of every file of the seed-1 datasets with three bins, as `sha256sum */*` prints them in a folder written by
+# `python data.py --task all --out_dir DIR --bins 3` (`sha256sum -c` checks such a folder against it). The committed
+# results were trained and evaluated on exactly these bytes: a change of any sampler, target or file format must
+# show up here, not silently in new runs.
+DATA_SHA256 = Path(__file__).resolve().parent / "fixtures" / "data_sha256.txt"
+
+
+def test_generated_files_are_the_bytes_the_committed_results_used(with_bins):
+    expected = dict(line.split("  ")[::-1] for line in DATA_SHA256.read_text().splitlines())
+    written = {f"{path.parent.name}/{path.name}": hashlib.sha256(path.read_bytes()).hexdigest()
+               for path in sorted(with_bins.glob("*/*"))}
+    assert written == expected
 
 
 @pytest.mark.parametrize("task", ["parity", "aa-star", "counter-3", "dyck-1"])   # one per construction mode
@@ -429,6 +445,9 @@ LOADER_ERRORS = {
     "blank line of spaces": ({"valid_50.tgt": " \t\n"}, "valid_50.tgt", ["file is empty"]),
     "bin without partner": ({"bin2_50.src": "( (\n"}, "bin2_50.tgt", ["no such file"]),
     "not text": ({"train_50.tgt": b"1 0 \xff\n1 1\n"}, "train_50.tgt", ["UTF-8"]),
+    # The offset counts the byte-order mark: it is the byte to look at in a hex editor.
+    "not text after a byte-order mark": ({"train_50.tgt": b"\xef\xbb\xbf1 0 \xff\n1 1\n"}, "train_50.tgt",
+                                         ["UTF-8", "(byte 7)"]),
 }
 
 
@@ -462,6 +481,29 @@ def test_blank_lines_at_the_end_are_ignored(tmp_path, tail):
     files = {name: text.rstrip("\n") + tail for name, text in SMALL.items()}
     loaded = data.load_data(write_dir(tmp_path, files))
     assert [len(split) for split in loaded.splits.values()] == [2, 1, 2]
+
+
+def assert_same_data(a, b):
+    assert a.src_vocab == b.src_vocab and a.tgt_vocab == b.tgt_vocab
+    assert list(a.splits) == list(b.splits)
+    for name in a.splits:
+        for field in ("src", "tgt", "lengths"):
+            assert torch.equal(getattr(a.splits[name], field), getattr(b.splits[name], field)), (name, field)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_a_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path, name):
+    """A file saved by Windows Notepad starts with the UTF-8 byte-order mark EF BB BF; kept, it would become part
+    of the first token (a new vocabulary entry in a training file, an unknown token elsewhere)."""
+    files = dict(SMALL, **{name: b"\xef\xbb\xbf" + SMALL[name].encode()})
+    with_bom = data.load_data(write_dir(tmp_path / "with_bom", files))
+    assert_same_data(with_bom, data.load_data(write_dir(tmp_path / "without", SMALL)))
+
+
+def test_a_byte_order_mark_inside_a_file_stays_in_its_token(tmp_path):
+    """Only the first character of a file can be a byte-order mark; U+FEFF anywhere else is data."""
+    loaded = data.load_data(write_dir(tmp_path, broken({"train_50.src": "( ) (\n\ufeff( (\n"})))
+    assert loaded.src_vocab == ["(", ")", "\ufeff("]
 
 
 # ------------------------------------------------------------------------------------------ writing safely

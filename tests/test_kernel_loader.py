@@ -4,6 +4,7 @@ The lock tests run the loader in subprocesses with torch's build replaced by a s
 protocol (the FileBaton `lock` file, then a library the next load finds) but compiles nothing; one test builds a
 real five-line extension.
 """
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,7 @@ def fresh_records(monkeypatch):
     monkeypatch.setattr(kernel_loader, "_paths", {})
     monkeypatch.setattr(kernel_loader, "_unavailable", {})
     monkeypatch.setattr(kernel_loader, "_warned_caches", set())
+    monkeypatch.setattr(kernel_loader, "_self_checks", {})
     monkeypatch.delenv(kernel_loader.FORCE_REFERENCE_ENV, raising=False)
 
 
@@ -178,8 +180,10 @@ def test_unusable_cache_falls_back_with_one_warning(tmp_path, monkeypatch, fresh
     x = torch.arange(3.0)
     tag = case.replace(" ", "_")
     with pytest.warns(UserWarning) as caught:
-        assert torch.equal(kernel_loader.run_fused("no_such_folder", f"first_{tag}", doubled, 1, x), 2 * x)
-        assert torch.equal(kernel_loader.run_fused("no_such_folder", f"second_{tag}", doubled, 1, x), 2 * x)
+        assert torch.equal(kernel_loader.run_fused("no_such_folder", f"first_{tag}", doubled, 1, x, num_sequences=0),
+                           2 * x)
+        assert torch.equal(kernel_loader.run_fused("no_such_folder", f"second_{tag}", doubled, 1, x, num_sequences=0),
+                           2 * x)
     assert len(caught) == 1 and "cannot be used" in str(caught[0].message)
     assert "\n" not in str(caught[0].message)
     paths = kernel_loader.operator_paths()
@@ -190,7 +194,7 @@ def test_unusable_cache_falls_back_with_one_warning(tmp_path, monkeypatch, fresh
 def test_forced_reference_is_recorded(monkeypatch, fresh_records):
     monkeypatch.setenv(kernel_loader.FORCE_REFERENCE_ENV, "1")
     monkeypatch.setattr(kernel_loader, "load", lambda *args: pytest.fail("forced reference must not build"))
-    kernel_loader.run_fused("fast_weight", "delta_net", doubled, 1, torch.ones(2))
+    kernel_loader.run_fused("fast_weight", "delta_net", doubled, 1, torch.ones(2), num_sequences=0)
     assert kernel_loader.operator_paths() == {"delta_net": "PyTorch reference (FWP_FORCE_REFERENCE=1)"}
 
 
@@ -202,11 +206,12 @@ def test_fused_and_unsupported_paths_are_recorded(monkeypatch, fresh_records):
     monkeypatch.setattr(kernel_loader, "load", lambda *args: fake)
     kernel_loader._warn_unsupported.cache_clear()
     x = torch.ones(3, requires_grad=True)
-    kernel_loader.run_fused("folder", "op", doubled, 1, x).sum().backward()
-    assert calls == ["kernel"] and x.grad.tolist() == [2.0, 2.0, 2.0]
+    kernel_loader.run_fused("folder", "op", doubled, 1, x, num_sequences=0).sum().backward()
+    assert calls == ["kernel", "kernel"] and x.grad.tolist() == [2.0, 2.0, 2.0]  # its self-check, then the call
     assert kernel_loader.operator_paths() == {"op": "fused CPU kernel"}
     with pytest.warns(UserWarning, match="does not handle"):
-        kernel_loader.run_fused("folder", "op", doubled, 1, torch.ones(3, dtype=torch.float64))
+        kernel_loader.run_fused("folder", "op", doubled, 1, torch.ones(3, dtype=torch.float64),
+                                num_sequences=0)
     assert kernel_loader.operator_paths() == {
         "op": "fused CPU kernel; PyTorch reference (CPU kernel does not handle torch.float64 inputs with last "
               "dimensions [3])"}
@@ -223,7 +228,100 @@ def test_failed_build_is_recorded_and_timed(tmp_path, monkeypatch, fresh_records
     monkeypatch.setattr(cpp_extension, "load", failing_build)
     before = kernel_loader.build_seconds()
     with pytest.warns(UserWarning, match="could not build failing_op_cpu"):
-        kernel_loader.run_fused("no_such_folder", "failing_op", doubled, 1, torch.ones(2))
+        kernel_loader.run_fused("no_such_folder", "failing_op", doubled, 1, torch.ones(2), num_sequences=0)
     assert kernel_loader.build_seconds() >= before + 0.2
     assert kernel_loader.operator_paths() == {
         "failing_op": "PyTorch reference (build failed: Error building extension 'failing_op_cpu')"}
+
+
+# -- the self-check: a kernel proves itself against the reference before it is trusted --------------------------
+
+def off_by_a_tenth(reference, num_differentiable, where="output"):
+    """An extension that is wrong the way a miscompiled kernel would be: its output (or, with where="gradient",
+    its gradients) off by 0.1 from the reference's."""
+    def forward(*inputs):
+        return [reference(*inputs) + (0.1 if where == "output" else 0.0)]
+
+    def backward(grad_out, *inputs_and_saved):
+        inputs = [x.detach().requires_grad_(i < num_differentiable) for i, x in enumerate(inputs_and_saved[:-1])]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(reference(*inputs), inputs[:num_differentiable], grad_out)
+        return [g + (0.1 if where == "gradient" else 0.0) for g in grads]
+
+    calls = []
+    return types.SimpleNamespace(isa=lambda: "fake-isa", forward=lambda *xs: calls.append(1) or forward(*xs),
+                                 backward=backward, calls=calls)
+
+
+def delta_inputs(B=2, H=2, L=7, D=4):
+    generator = torch.Generator().manual_seed(1)
+    randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    return [randn(B, H, L, D).softmax(-1), randn(B, H, L, D).softmax(-1), randn(B, H, L, D),
+            torch.rand(B, H, L, 1, generator=generator), torch.zeros(B, H, D, D)]
+
+
+@pytest.mark.parametrize("where, what", [("output", "its output"), ("gradient", "its gradient of input 0")])
+def test_a_kernel_that_disagrees_with_the_reference_is_replaced_by_it_with_one_warning(monkeypatch, fresh_records,
+                                                                                       where, what):
+    from fast_weight import delta_net_reference
+
+    fake = off_by_a_tenth(delta_net_reference, 4, where)
+    monkeypatch.setattr(kernel_loader, "load", lambda *args: fake)
+    inputs = delta_inputs()
+    with pytest.warns(UserWarning, match="failed its self-check") as caught:
+        first = kernel_loader.run_fused("fast_weight", "delta_net", delta_net_reference, 4, *inputs, num_sequences=4)
+        second = kernel_loader.run_fused("fast_weight", "delta_net", delta_net_reference, 4, *inputs,
+                                         num_sequences=4)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert all(word in message for word in ("delta_net", "CPU", "fake-isa", "torch.float32", what)), message
+    assert torch.equal(first, delta_net_reference(*inputs)) and torch.equal(second, first)
+    assert len(fake.calls) == 1  # the self-check's call only: never on real inputs
+    assert kernel_loader.operator_paths() == {
+        "delta_net": f"PyTorch reference (the fused CPU kernel failed its self-check: {what} is off by up to "
+                     f"{0.1:.3g})"}
+
+
+def test_the_self_check_runs_once_per_dtype_and_leaves_the_global_rng_where_it_was(monkeypatch, fresh_records):
+    from fast_weight import delta_net_reference
+
+    fake = off_by_a_tenth(delta_net_reference, 4, where="neither")  # a correct kernel
+    monkeypatch.setattr(kernel_loader, "load", lambda *args: fake)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    for dtype in (torch.float32, torch.float32, torch.float64):
+        inputs = [x.to(dtype) for x in delta_inputs()]
+        kernel_loader.run_fused("fast_weight", "delta_net", delta_net_reference, 4, *inputs, num_sequences=4)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(fake.calls) == 2 + 3  # a self-check per dtype, then the three real calls
+    assert set(kernel_loader._self_checks) == {("delta_net", "cpu", torch.float32, "fake-isa"),
+                                               ("delta_net", "cpu", torch.float64, "fake-isa")}
+    assert kernel_loader.operator_paths() == {"delta_net": "fused CPU kernel"}
+
+
+def test_the_self_check_input_is_tiny_with_the_real_head_sizes():
+    inputs = delta_inputs(B=64, H=4, L=100, D=32)
+    tiny, _ = kernel_loader.self_check_input(inputs, num_sequences=4)
+    assert [tuple(t.shape) for t in tiny] == [(1, 4, 5, 32)] * 3 + [(1, 4, 5, 1), (1, 4, 32, 32)]
+
+
+def test_a_run_whose_kernel_fails_its_self_check_trains_as_the_reference_would_and_says_so(tmp_path, monkeypatch,
+                                                                                           fresh_records):
+    from fast_weight import delta_net_reference
+    from test_main import read_metrics, run_main, without_time, write_tiny_parity
+
+    data_dir = write_tiny_parity(tmp_path / "data" / "tiny")
+    flags = ["--model_type", "2", "--num_layer", "1", "--hidden_size", "8", "--n_head", "2", "--batch_size", "16",
+             "--num_epoch", "2", "--remove_pos_enc"]
+    monkeypatch.setenv(kernel_loader.FORCE_REFERENCE_ENV, "1")
+    code, reference_run = run_main(tmp_path, data_dir, *flags, work_dir="reference")
+    assert code == 0
+    monkeypatch.delenv(kernel_loader.FORCE_REFERENCE_ENV)
+    monkeypatch.setattr(kernel_loader, "load", lambda *args: off_by_a_tenth(delta_net_reference, 4))
+    with pytest.warns(UserWarning, match="delta_net: the fused CPU kernel .* failed its self-check"):
+        code, run_dir = run_main(tmp_path, data_dir, *flags, work_dir="miscompiled")
+    assert code == 0
+    path = "PyTorch reference (the fused CPU kernel failed its self-check: its output is off by up to 0.1)"
+    assert json.loads((run_dir / "final.json").read_text())["operators"] == {"delta_net": path}
+    assert f"Operator delta_net: {path}" in (run_dir / "log.txt").read_text()
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference_run))

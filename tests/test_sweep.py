@@ -26,16 +26,18 @@ TINY_CSV = HEADER + ("parity,0,1,8,1,1,16,1e-3,1\n"
 TINY_EXTRA = "--emb_size 8 --report_every 0"
 
 
-def write_tiny_parity(task_dir):
-    """A few dozen short parity strings per split, so that one epoch takes a fraction of a second."""
+def write_tiny_parity(task_dir, train_lines=48, random_labels=False):
+    """A few dozen short parity strings per split, so that one epoch takes a fraction of a second. With
+    `random_labels` no model can reach main.py's stop at 100 %: training lasts its epochs."""
     rng = random.Random(0)
     task_dir.mkdir(parents=True)
-    for split, count, (low, high) in (("train", 48, (2, 8)), ("valid", 16, (2, 8)), ("test", 16, (9, 12))):
+    for split, count, (low, high) in (("train", train_lines, (2, 8)), ("valid", 16, (2, 8)), ("test", 16, (9, 12))):
         src, tgt = [], []
         for _ in range(count):
             bits = [rng.choice("01") for _ in range(rng.randint(low, high))]
             src.append(" ".join(bits))
-            tgt.append(" ".join("acc" if bits[:i + 1].count("1") % 2 == 0 else "rej" for i in range(len(bits))))
+            tgt.append(" ".join(rng.choice(("acc", "rej")) if random_labels
+                                else "acc" if bits[:i + 1].count("1") % 2 == 0 else "rej" for i in range(len(bits))))
         (task_dir / f"{split}_50.src").write_text("\n".join(src) + "\n")
         (task_dir / f"{split}_50.tgt").write_text("\n".join(tgt) + "\n")
 
@@ -55,9 +57,10 @@ def sweep_args(env, *more):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """One local Ray instance for the module (starting one costs 10-20 s); sweep.py uses it instead of its own."""
+    """One local Ray instance for the module (starting one costs 10-20 s); sweep.py uses it instead of its own.
+    Started as sweep.py starts its own, so that no record of another cluster on this machine diverts it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sweep.start_ray(ray, None, num_cpus=2)
     yield ray
     ray.shutdown()
 

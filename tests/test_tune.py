@@ -2,7 +2,10 @@
 that reruns nothing, the trial's replay and resume, and results.py's view of the search."""
 import io
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -13,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import results  # noqa: E402
+import sweep  # noqa: E402
 import tune  # noqa: E402
 from test_sweep import write_tiny_parity  # noqa: E402
 
@@ -33,20 +37,32 @@ def test_search_space_of_the_issue():
 
 
 @pytest.fixture(scope="module")
-def tiny_search(tmp_path_factory):
-    """One LSTM cell searched over two learning rates for two epochs, on a local Ray instance."""
+def local_ray():
+    """One local Ray instance of two CPUs for the module, started as tune.py starts its own (so that no record of
+    another cluster on this machine diverts it); tune.main uses it instead of starting one."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.tune")
+    sweep.start_ray(ray, None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def search_argv(root):
+    """tune.py's flags for the LSTM cell of TINY_SPACE on the parity data under `root`."""
+    return ["--tasks", "parity", "--models", "0", "--work_dir", str(root / "search"), "--data_root",
+            str(root / "data"), *TINY_SPACE]
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory, local_ray):
+    """One LSTM cell searched over two learning rates for two epochs, on a local Ray instance."""
     root = tmp_path_factory.mktemp("tune")
     write_tiny_parity(root / "data" / "parity")
-    argv = ["--tasks", "parity", "--models", "0", "--work_dir", str(root / "search"), "--data_root",
-            str(root / "data"), *TINY_SPACE]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    argv = search_argv(root)
     out = io.StringIO()
     with redirect_stdout(out):
         code = tune.main(argv)
-    yield root, argv, code, out.getvalue(), ray
-    ray.shutdown()
+    yield root, argv, code, out.getvalue(), local_ray
 
 
 def test_search_runs_every_trial_then_the_seeds_of_the_best(tiny_search):
@@ -259,8 +275,9 @@ def test_parallel_sizes_the_local_ray_instance(flags, num_cpus):
             self.kwargs = kwargs
 
     ray = RecordingRay()
-    tune.start_ray(ray, tune.parse_args(flags))
-    assert ray.kwargs["num_cpus"] == num_cpus and ray.kwargs["address"] is None
+    sweep.start_ray(ray, None, tune.local_cpus(tune.parse_args(flags)))
+    # "local": a new instance, whatever RAY_ADDRESS or the record of an earlier `ray start` say
+    assert ray.kwargs["num_cpus"] == num_cpus and ray.kwargs["address"] == "local"
 
 
 class FakeRay:
@@ -294,6 +311,7 @@ class FakeRay:
 class FakeCell(tune.Cell):
     def __init__(self, folder):
         self.folder, self.summaries, self.lock = folder, 0, None
+        self.task, self.model_type = "parity", 0
         assert self.claim()  # a lock as a real cell holds it: Tune must be able to pickle it with the callback
 
     def seed_trials(self, best):
@@ -320,6 +338,7 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     seeds.finish(wait=False)
     out = capsys.readouterr().out
     assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
+    assert seeds.failed == ["parity LSTM lr1e-3-seed3"]  # for the driver's last line and its exit status
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
     assert cell.lock is None  # the cell is free for another driver only once its seeds have ended
 
@@ -420,8 +439,9 @@ def test_a_stop_is_marked_as_it_arrives_not_when_the_cell_ends(tiny_search, tmp_
 
     monkeypatch.setattr(tune, "run_trial", reports_until_stopped)
     monkeypatch.setattr(tune, "stop_marker_callback", lambda ray_tune: CheckedAtCompletion())
-    tune.run_tuner(ray_tune, [{"folder": str(tmp_path / "t")}], {"cpu": 1}, "stop-marker", tmp_path / "ray",
-                   scheduler=None, stopper=lambda trial_id, result: result["step"] >= 2)
+    failed = tune.run_tuner(ray_tune, [{"folder": str(tmp_path / "t")}], {"cpu": 1}, "stop-marker",
+                            tmp_path / "ray", scheduler=None, stopper=lambda trial_id, result: result["step"] >= 2)
+    assert failed == []  # a stop is not a failure
     assert marked_at_completion == [True]
     assert json.loads(marker.read_text()) == {"epochs": 2 / 6, "best_score": 20.0}
     assert tune.trial_status(tmp_path / "t")[0] == "stopped early"
@@ -437,9 +457,6 @@ def test_a_trial_main_py_finished_gets_no_marker_whatever_the_last_result_says(t
 
 def test_stopping_one_search_leaves_the_trials_of_another_search_running(tmp_path):
     """Two searches on different cells share the work_dir; Ctrl-C on one must not stop the other's trials."""
-    import os
-    import signal
-
     from test_sweep import start_fake_main
 
     own_folder = tmp_path / "parity" / "lstm" / "lr1e-3-l1-h64-n1-seed1"
@@ -503,3 +520,70 @@ def test_the_seeds_wait_until_every_trial_has_ended():
     assert tune.ready_for_seeds({"best": "a", "trials": [trial, dict(trial, name="c", status="stopped early")]})
     assert not tune.ready_for_seeds({"best": "a", "trials": [trial, failed]})
     assert not tune.ready_for_seeds({"best": None, "trials": [dict(failed, best_score=None)]})
+
+
+FAILED_LINE = "trial(s) failed (run the same command again to resume them): "
+
+
+def test_a_search_whose_trials_fail_exits_1_and_names_them(local_ray, tmp_path):
+    write_tiny_parity(tmp_path / "data" / "parity")
+    (tmp_path / "data" / "parity" / "valid_50.src").unlink()  # main.py cannot load the dataset
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = tune.main(search_argv(tmp_path))
+    assert code == 1, out.getvalue()
+    assert out.getvalue().splitlines()[-1] == (f"2 {FAILED_LINE}parity LSTM lr1e-3-l1-h8-n1-seed1; "
+                                               f"parity LSTM lr3e-3-l1-h8-n1-seed1")
+
+
+def kill_once_checkpointed(trial_folder, killed, timeout=120.0):
+    """SIGKILLs the trial's main.py once it has written its first latest_model.pt; appends the run dir to `killed`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = sweep.running_main_py(trial_folder / tune.PID_FILE)
+        checkpointed = [d for d in sweep.run_dirs(trial_folder) if (d / "latest_model.pt").is_file()]
+        if pid is not None and checkpointed:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(checkpointed[0])
+            return
+        time.sleep(0.05)
+
+
+def test_a_trial_killed_while_checkpointing_resumes_on_a_relaunch_that_reruns_nothing_finished(local_ray, tmp_path):
+    """kill -9 of one trial's main.py mid-training; it leaves a half-written latest_model.pt.tmp (save_checkpoint
+    writes there, then renames). The search ends with the trial failed; the relaunch resumes it from its
+    latest_model.pt and leaves the trial that finished as it was."""
+    # 200 batches an epoch and labels no model can learn: seconds of training after the first checkpoint, in
+    # which the kill lands, and no early stop at 100 %.
+    write_tiny_parity(tmp_path / "data" / "parity", train_lines=64 * 200, random_labels=True)
+    argv = search_argv(tmp_path)
+    cell = tmp_path / "search" / "parity" / "lstm"
+    finished, victim = cell / "lr1e-3-l1-h8-n1-seed1", cell / "lr3e-3-l1-h8-n1-seed1"
+    killed = []
+    killer = threading.Thread(target=kill_once_checkpointed, args=(victim, killed), daemon=True)
+    killer.start()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = tune.main(argv)
+    killer.join()
+    assert killed, "the trial ended before it could be killed"
+    assert code == 1 and out.getvalue().splitlines()[-1] == f"1 {FAILED_LINE}parity LSTM {victim.name}", out.getvalue()
+    [run_dir] = killed
+    checkpoint = (run_dir / "latest_model.pt").read_bytes()
+    (run_dir / "latest_model.pt.tmp").write_bytes(checkpoint[:len(checkpoint) // 2])
+    [finished_run] = sweep.run_dirs(finished)
+    stamp, log = (finished_run / "final.json").stat().st_mtime_ns, (finished / tune.RUN_LOG).read_text()
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert tune.main(argv) == 0, out.getvalue()
+    assert (finished_run / "final.json").stat().st_mtime_ns == stamp
+    assert (finished / tune.RUN_LOG).read_text() == log  # replayed: no main.py started
+    assert sweep.run_dirs(victim) == [run_dir] and (run_dir / "final.json").is_file()
+    launches = [line for line in (victim / tune.RUN_LOG).read_text().splitlines() if line.startswith("==== ")]
+    assert len(launches) == 2 and launches[1].endswith(f"--resume {run_dir}")
+    assert "Resumed after epoch" in (victim / tune.RUN_LOG).read_text()
+    assert not (run_dir / "latest_model.pt.tmp").exists()  # the next checkpoint wrote over it and renamed it
+    summary = json.loads((cell / tune.SUMMARY_FILE).read_text())
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    assert [s["status"] for s in summary["seeds"]] == ["finished", "finished"]
