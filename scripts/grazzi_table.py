@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import model as model_module  # noqa: E402
 from model import MODEL_NAMES, build_model  # noqa: E402
-from utils import length_sorted_batches, load_checkpoint  # noqa: E402
+from utils import CheckpointError, length_sorted_batches, load_checkpoint  # noqa: E402
 
 TEST_LOWER = 40
 
@@ -65,9 +65,10 @@ def test_measures(net, split, pad, lower):
 def checkpoint_measures(run_dir):
     """(scaled accuracy, smallest transition eigenvalue) of the run's best checkpoint on the test split."""
     args = argparse.Namespace(**json.loads((run_dir / "args.json").read_text()))
+    weights = load_checkpoint(run_dir / "best_model.pt", ("model",))["model"]
     dataset = data.load_data(args.data_dir, args.level)
     net = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1)
-    net.load_state_dict(load_checkpoint(run_dir / "best_model.pt")["model"])
+    net.load_state_dict(weights)
     net.eval()
     counts, smallest = test_measures(net, dataset.splits["test"], dataset.tgt_pad, TEST_LOWER)
     p = sum(c / t for c, t in counts.values()) / len(counts)
@@ -101,7 +102,11 @@ def main(argv=None):
     parser.add_argument("--out", default="results/grazzi/table.md")
     args = parser.parse_args(argv)
     runs = [d for d in sorted(Path(args.runs).iterdir()) if (d / "final.json").exists()]
-    rows = sorted(row(d) for d in runs)
+    try:
+        rows = sorted(row(d) for d in runs)
+    except (CheckpointError, data.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     lines = ["| model | seed | Bin0 (3-40) | Bin1 (40-256) | Bin1 length-avg | scaled (2p-1) | min eig | best step "
              "| run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [text for *_, text in rows]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -297,3 +297,18 @@ def test_a_signal_during_a_kernel_build_ends_the_run_within_seconds(tmp_path, ti
     assert "Traceback" not in out + err
     assert "nothing to resume" in out and not list((tmp_path / "runs").iterdir())
     assert not (cache / "fast_weight_sum_cpu" / "lock").exists()
+
+
+def test_the_grazzi_table_refuses_a_hostile_best_model_without_running_it(tmp_path):
+    """scripts/grazzi_table.py reads best_model.pt of run directories it is pointed at: the same loader."""
+    committed = sorted((REPO / "results" / "grazzi" / "runs").iterdir())[0]
+    runs = tmp_path / "runs"
+    shutil.copytree(committed, runs / committed.name)
+    marker = tmp_path / "created by the checkpoint"
+    hostile_checkpoint(runs / committed.name / "best_model.pt", marker)
+    result = subprocess.run([sys.executable, "scripts/grazzi_table.py", "--runs", str(runs), "--out",
+                             str(tmp_path / "table.md")], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert_one_error_line(result, "best_model.pt", "could run code")
+    assert not marker.exists() and not (tmp_path / "table.md").exists()
