@@ -202,8 +202,8 @@ def around_best_sentence(space):
     """What tune.py --around_best added to a cell's grid, or nothing."""
     if "around_best" not in space:
         return ""
-    ladders = "; ".join(f"{factor} " + " then ".join(", ".join(f"{k} {v}" for k, v in step.items()) for step in steps)
-                        for factor, steps in space["around_best"]["ladders"].items())
+    ladders = "; ".join(" then ".join(", ".join(f"{k} {v}" for k, v in step.items()) for step in steps)
+                        for steps in space["around_best"]["ladders"].values())
     return (f" Then one factor at a time around the grid's best `{space['around_best']['anchor']}` (a later step "
             f"only where the one before beat it): {ladders}.")
 
