@@ -1,18 +1,25 @@
-"""The eight formal-language tasks: generators (Bhattamishra et al., 2020 samplers) and the six-file loader.
+"""The eight formal-language tasks of the paper (Bhattamishra et al., 2020 samplers), three permutation-group
+state-tracking tasks (s3, a5, s5), their generators and the six-file loader.
 
-Generation follows ../shared/spec/data.md (the "paper settings" of satwik77/Transformer-Formal-Languages) and
+Generation follows docs/data.md (the "paper settings" of satwik77/Transformer-Formal-Languages) and
 writes IDSIA's format: `{train,valid,test}_50.{src,tgt}`, one space-separated example per line, one target token
 per input token. valid is satwik's Bin0 (training lengths), test is Bin1 (longer strings); `--bins K` adds Bin2..BinK
 as `bin{k}_50.*`. Every draw comes from one private `random.Random(seed)` per task, so the files are the same
 bytes on every machine.
 
-    python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]
+The group tasks (not in the paper) use the same format, splits and bins: the input is a sequence of uniformly drawn
+elements of S3, A5 or S5, each one token in one-line notation (`10234` swaps 0 and 1), and the target at each
+position is the product so far, the state s' with s'[i] = s[g[i]] after token g, starting from the identity.
+
+    python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]   # all: the paper's eight
     python data.py --task parity --out_dir DIR --train_lengths 3 40 --test_lengths 40 256   # other windows
     python data.py --check DIR
 
 Exit status 0, or 2 with one line on stderr for a usage error or a data error (as main.py).
 """
 import argparse
+import functools
+import itertools
 import os
 import re
 import secrets
@@ -22,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
+# TASKS: the paper's eight, what `--task all` writes and the scripts' default task list and table columns.
+# ALL_TASKS: everything generate_task can write, the eight and the group tasks.
 TASKS = ("parity", "aa-star", "abab-star", "counter-2", "counter-3", "shuffle-2", "dyck-1", "reset_dyck")
+GROUP_TASKS = ("s3", "a5", "s5")
+ALL_TASKS = TASKS + GROUP_TASKS
 
 LEVEL = 50          # IDSIA's fixed `--level`: the `_50` in the file names, not a length
 TRAIN_SIZE = 10000
@@ -234,6 +245,48 @@ def _reset_dyck_targets(word):
     return tokens
 
 
+# --------------------------------------------------------------------------------------------- group tasks
+# An element g of S_n (n <= 10) is the arrangement (g[0], ..., g[n-1]) of 0..n-1, written as one token of n digits.
+# Token g turns the state s into s' with s'[i] = s[g[i]]; the state starts at the identity 0..n-1, so after
+# g1 ... gt it is the composition g1 o ... o gt (i -> g1[g2[...gt[i]]]).
+
+def _is_even(permutation):
+    inversions = sum(a > b for a, b in itertools.combinations(permutation, 2))
+    return inversions % 2 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _group(n, even_only):
+    """(tokens, id of each token, product table): the elements of S_n (A_n if even_only) in lexicographic order,
+    the identity first; table[s * size + g] is the id of the state after token g in state s."""
+    elements = [p for p in itertools.permutations(range(n)) if not even_only or _is_even(p)]
+    ids = {element: index for index, element in enumerate(elements)}
+    table = [ids[tuple(s[i] for i in g)] for s in elements for g in elements]
+    tokens = ["".join(map(str, element)) for element in elements]
+    return tokens, {token: index for index, token in enumerate(tokens)}, table
+
+
+def _group_sampler(n, even_only):
+    """Sampler of a group task: `num` words of uniform length in [lower, upper], each a list of uniformly drawn
+    element tokens; repeats are kept (see docs/data.md)."""
+    def sample(rng, num, lower, upper):
+        tokens = _group(n, even_only)[0]
+        return [rng.choices(tokens, k=rng.randint(lower, upper)) for _ in range(num)]
+    return sample
+
+
+def _group_targets(n, even_only):
+    """Targets of a group task: the state after each token, as its token."""
+    def targets(word):
+        tokens, ids, table = _group(n, even_only)
+        size, state, states = len(tokens), 0, []
+        for token in word:
+            state = table[state * size + ids[token]]
+            states.append(tokens[state])
+        return states
+    return targets
+
+
 # ---------------------------------------------------------------------------------------------------- tasks
 
 @dataclass(frozen=True)
@@ -241,8 +294,10 @@ class _Task:
     """How one language is sampled and labelled.
 
     mode: "joint" (one unique corpus split into train and valid), "separate" (train and valid drawn apart,
-    each unique), "replacement" (draws with repeats; validation bins de-duplicated).
-    sample(rng, num, lower, upper) -> list of words; targets(word) -> list of tokens.
+    each unique), "replacement" (draws with repeats; validation bins de-duplicated), "uniform" (train and valid
+    drawn apart, repeats kept everywhere: the group tasks).
+    sample(rng, num, lower, upper) -> list of words; targets(word) -> list of tokens. A word is a string of
+    one-character tokens, or (group tasks) a list of tokens.
     window(k) is Bin k's [lower, upper]: [bin0_lower, LEN_INCR] for k = 0 (train and valid), else
     [k*LEN_INCR + bin_gap, (k+1)*LEN_INCR]. It bounds the length, except for the counters (it bounds n) and the
     grammar languages (upper is the grammar's max_size; reset_dyck strings can reach 2*upper + 1).
@@ -282,8 +337,11 @@ _TASKS = {
     "dyck-1": _Task("separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()",), upper)),
                     lambda w: _closer_targets(w, ("()",)), bin_gap=2),
     "reset_dyck": _Task("joint", _grammar(_reset_dyck_word), _reset_dyck_targets),
+    "s3": _Task("uniform", _group_sampler(3, False), _group_targets(3, False)),
+    "a5": _Task("uniform", _group_sampler(5, True), _group_targets(5, True)),
+    "s5": _Task("uniform", _group_sampler(5, False), _group_targets(5, False)),
 }
-assert tuple(_TASKS) == TASKS
+assert tuple(_TASKS) == ALL_TASKS
 
 
 def _bin_words(task, rng, bin_index, window=None):
@@ -311,7 +369,7 @@ def _split_words(task, rng, bins, train_window=None, test_window=None):
 def window_error(train_lengths=None, test_lengths=None, bins=1):
     """Why these length windows cannot be used (one line), or None. A window is (lower, upper), 1 <= lower <= upper;
     it replaces Bin0's (train and valid) or Bin1's (test) window and means what the task's bins mean (the string
-    length for parity; n for the counters; the grammar bound for the bracket languages)."""
+    length for parity and the group tasks; n for the counters; the grammar bound for the bracket languages)."""
     for flag, window in (("--train_lengths", train_lengths), ("--test_lengths", test_lengths)):
         if window is not None and not (len(window) == 2 and 1 <= window[0] <= window[1]):
             return f"{flag} needs two lengths LOWER UPPER with 1 <= LOWER <= UPPER, got {list(window)}"
@@ -326,7 +384,7 @@ def generate_task(task, seed=1, bins=1, train_lengths=None, test_lengths=None):
     train_lengths / test_lengths, (lower, upper) or None, replace the default windows (see window_error); with
     neither, the files are those of the paper's setting, byte for byte."""
     if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(ALL_TASKS)}")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
     error = window_error(train_lengths, test_lengths, bins)
@@ -446,7 +504,7 @@ def _read_lines(path, missing_hint):
 
 def _missing_hint(data_dir, level):
     """How to get a missing data file: data.py for level 50; other levels are never generated here."""
-    task = data_dir.name if data_dir.name in TASKS else "TASK"
+    task = data_dir.name if data_dir.name in ALL_TASKS else "TASK"
     if level == LEVEL:
         return f"generate it with `python data.py --task {task} --out_dir {data_dir}`"
     return (f"data.py writes only level-{LEVEL} files (*_{LEVEL}.src/.tgt), so level {level} needs its own "
@@ -542,7 +600,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parse_args(argv):
     parser = _OneLineParser(description="Generate or check the formal-language datasets.")
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--task", choices=TASKS + ("all",), help="task to generate; all writes OUT_DIR/<task>/")
+    action.add_argument("--task", choices=ALL_TASKS + ("all",),
+                        help="task to generate; all writes the paper's eight tasks to OUT_DIR/<task>/")
     action.add_argument("--check", metavar="DIR", help="load DIR like training does and summarise its splits")
     parser.add_argument("--out_dir", help="output folder (with --task)")
     # seed and bins default to None so that --check can tell that they were given; see the defaults below
@@ -551,7 +610,8 @@ def _parse_args(argv):
                         help="number of longer bins (default 1): 1 writes valid/test, K > 1 adds bin2..binK")
     parser.add_argument("--train_lengths", type=int, nargs=2, metavar=("LOWER", "UPPER"),
                         help="window of train and valid (Bin0) instead of the paper's, e.g. 3 40 (Grazzi et al.'s "
-                             "parity split); for parity the string length, otherwise what the task's bins bound")
+                             "parity split); for parity and the group tasks the string length, otherwise what the "
+                             "task's bins bound")
     parser.add_argument("--test_lengths", type=int, nargs=2, metavar=("LOWER", "UPPER"),
                         help="window of test (Bin1) instead of the paper's, e.g. 40 256; not with --bins > 1")
     args = parser.parse_args(argv)

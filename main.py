@@ -48,8 +48,8 @@ import data  # noqa: E402
 import kernel_loader  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
 from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, epoch_order, evaluate,  # noqa: E402
-                   first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything, sequence_loss,
-                   setup_logging, write_text_atomic)
+                   first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything, selection_score,
+                   sequence_loss, setup_logging, write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
@@ -229,7 +229,7 @@ def load_dataset(args, device):
     """The loaded data; a missing directory named after a task is generated first."""
     task = task_name(args.data_dir)
     try:
-        if data.needs_generation(args.data_dir) and task in data.TASKS:
+        if data.needs_generation(args.data_dir) and task in data.ALL_TASKS:
             print(f"{args.data_dir} does not exist: generating the '{task}' dataset there.", flush=True)
             data.write_task(task, args.data_dir)
         return data.load_data(args.data_dir, level=args.level, device=device)
@@ -312,6 +312,27 @@ def training_done(progress, args):
     return progress.order is None and (stop_acc_reached(progress, args) or progress.epoch >= args.num_epoch)
 
 
+def make_optimizer(model, args):
+    """The original's optimiser: Adam at the constant --learning_rate, betas (0.9, 0.995), eps 1e-9."""
+    return torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.995), eps=1e-9)
+
+
+def batch_loss(model, split, indices, pad):
+    """The mean training loss of the lines `indices` of a data.Split, trimmed to the batch's longest line: the
+    models are causal, so the padding after it changes nothing."""
+    length = int(split.lengths[indices].max())
+    return sequence_loss(model(split.src[indices, :length]), split.tgt[indices, :length], pad)
+
+
+def update_weights(model, optimizer, clip):
+    """One optimiser step on the gradients summed so far (clipped to the global norm `clip` when > 0), then
+    clear them."""
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Run:
     """One training run: owns the model, optimiser, data, logs and checkpoints of a run directory."""
 
@@ -325,8 +346,7 @@ class Run:
         kernel_loader.forget_operator_paths()
         seed_everything(args.seed)
         self.model = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, betas=(0.9, 0.995),
-                                          eps=1e-9)
+        self.optimizer = make_optimizer(self.model, args)
         self.progress = Progress()
         if resuming:
             self.restore_latest()
@@ -477,19 +497,13 @@ class Run:
                 self.log(f"Operator {name}: {path}")
 
     def train_batch(self, split, indices, optimizer_step):
-        indices = indices.to(self.device)
-        length = int(split.lengths[indices].max())  # causal models: trimming the padding changes nothing
-        logits = self.model(split.src[indices, :length])
-        loss = sequence_loss(logits, split.tgt[indices, :length], self.data.tgt_pad)
+        loss = batch_loss(self.model, split, indices.to(self.device), self.data.tgt_pad)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the training loss is {loss.item()} at epoch {self.progress.epoch + 1}, "
                                 f"step {self.progress.step + 1}")
         loss.backward()
         if optimizer_step:
-            if self.args.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            update_weights(self.model, self.optimizer, self.args.clip)
         return loss.item()
 
     def evaluate_and_checkpoint(self, end_of_epoch):
@@ -518,7 +532,7 @@ class Run:
         progress.evaluations += 1
         if self.wandb is not None:
             self.wandb.log(record, step=progress.step)
-        score = progress.last_score = (valid.acc + valid2.acc) / 2
+        score = progress.last_score = selection_score(valid.acc, valid2.acc)
         if score > progress.best.score:
             progress.best = Best(score, valid.acc, valid2.acc, epoch, progress.step)
             log(f"The best model so far. {score:.2f} % [{valid.acc:.2f} %, {valid2.acc:.2f} %]")

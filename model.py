@@ -3,9 +3,12 @@
 
 Every model maps a (B, L) LongTensor of token ids to (B, L, out_vocab) logits and is causal: the logits at
 position t depend on tokens 0..t only. The layers work batch-first, (B, L, hidden); the fast-weight operators
-take (B, H, L, d). Equations and initialisations: ../shared/spec/models.md.
+take (B, H, L, d). Equations and initialisations: docs/models.md.
 """
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,19 +18,6 @@ from fast_transformers import fast_weight_sum
 from fast_weight import delta_net_fn
 from rec_update_fwm_tanh import rec_delta_fn
 from self_ref_v0 import self_ref_v0
-
-MODEL_NAMES = {0: "LSTM", 1: "Transformer", 2: "DeltaNet", 7: "Recurrent Delta", 8: "Linear Transformer",
-               10: "e-LSTM", 12: "SRWM",
-               # beyond the paper: Grazzi et al. (2025)'s DeltaNet [-1, 1] and its two ingredients alone
-               20: "DeltaNet [-1,1]", 21: "DeltaNet L2", 22: "DeltaNet beta(0,2)"}
-
-# Directory-name form of each model (the run directory is `<slug>-<task>-<time>-<hash>`).
-MODEL_SLUGS = {0: "lstm", 1: "transformer", 2: "deltanet", 7: "recurrent-delta", 8: "linear-transformer",
-               10: "e-lstm", 12: "srwm", 20: "deltanet-neg", 21: "deltanet-l2", 22: "deltanet-beta2"}
-
-RNN_TYPES = (0, 10)
-SRWM_MIN_HEAD_DIM = 4  # the SRWM emits 4 learning rates per step from a d-dimensional input: d >= 4
-
 
 class ModelConfigError(ValueError):
     """A flag combination that cannot build a model; the message is one user-readable line."""
@@ -79,7 +69,7 @@ def sum_normalised(x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LSTM (0) and e-LSTM (10): input layer -> recurrent body -> dropout -> output layer
+# LSTM and e-LSTM: input layer -> recurrent body -> dropout -> output layer
 
 
 class LSTMBody(nn.Module):
@@ -148,7 +138,7 @@ class RecurrentModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Transformer (1)
+# Transformer
 
 
 class TransformerModel(nn.Module):
@@ -173,7 +163,7 @@ class TransformerModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fast-weight models (2, 7, 8, 12; 20-22): embedding -> num_layers x [fast-weight block, feed-forward block] -> output
+# Fast-weight models: embedding -> num_layers x [fast-weight block, feed-forward block] -> output
 
 
 class FeedForwardBlock(nn.Module):
@@ -327,10 +317,6 @@ class SRWMBlock(nn.Module):
         return self.layer_norm(x) + self.dropout(self.out_proj(merge_heads(out)))
 
 
-FAST_WEIGHT_BLOCKS = {2: DeltaNetBlock, 7: RecurrentDeltaBlock, 8: LinearAttentionBlock, 12: SRWMBlock,
-                      20: NegativeEigenvalueDeltaNetBlock, 21: L2DeltaNetBlock, 22: WideBetaDeltaNetBlock}
-
-
 class FastWeightModel(nn.Module):
     def __init__(self, block_type, in_vocab_size, out_vocab_size, hidden_size, num_layers, num_head, ff_factor,
                  dropout, use_pos_enc):
@@ -351,22 +337,92 @@ class FastWeightModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The registry: every --model_type, and what the code and the scripts need to know about it
+
+
+def build_recurrent(body_type, args, in_vocab_size, out_vocab_size):
+    return RecurrentModel(body_type, in_vocab_size, out_vocab_size, emb_size=args.emb_size,
+                          hidden_size=args.hidden_size, num_layers=args.num_layer, dropout=args.dropout,
+                          no_embedding=args.no_embedding)
+
+
+def build_transformer(args, in_vocab_size, out_vocab_size):
+    return TransformerModel(in_vocab_size, out_vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layer,
+                            num_head=args.n_head, ff_factor=args.ff_factor, dropout=args.dropout)
+
+
+@dataclass(frozen=True)
+class FastWeightBuilder:
+    """Builds a FastWeightModel of `block`s: the fast-weight models differ only in their block."""
+    block: type
+
+    def __call__(self, args, in_vocab_size, out_vocab_size):
+        return FastWeightModel(self.block, in_vocab_size, out_vocab_size, hidden_size=args.hidden_size,
+                               num_layers=args.num_layer, num_head=args.n_head, ff_factor=args.ff_factor,
+                               dropout=args.dropout, use_pos_enc=not args.remove_pos_enc)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One --model_type."""
+    id: int
+    name: str  # in logs, tables and plots
+    slug: str  # in directory names: run directories `<slug>-<task>-<time>-<hash>`, sweep and search folders
+    builder: Callable  # (args, in_vocab_size, out_vocab_size) -> the model
+    operator: str = None  # the fast-weight operator it calls (a compiled kernel); None: PyTorch computes it all
+    recurrent: bool = False  # an RNN body: it has no heads, feed-forward blocks or positional encoding
+    one_layer: bool = False  # it has one layer whatever --num_layer says
+    requires_remove_pos_enc: bool = False  # refuses to run with positional encodings
+    min_head_dim: int = 1  # the smallest --hidden_size / --n_head it can work with
+    in_paper: bool = True  # one of the paper's seven models (False: an extension beyond it)
+
+
+# In the order of the paper's table: recurrent models, the Transformer family, its recurrent extensions; then the
+# models beyond the paper. Adding a model is adding its entry.
+MODELS = {spec.id: spec for spec in (
+    ModelSpec(0, "LSTM", "lstm", partial(build_recurrent, "lstm"), recurrent=True),
+    ModelSpec(10, "e-LSTM", "e-lstm", partial(build_recurrent, "e-lstm"), recurrent=True, one_layer=True),
+    ModelSpec(1, "Transformer", "transformer", build_transformer),
+    ModelSpec(8, "Linear Transformer", "linear-transformer", FastWeightBuilder(LinearAttentionBlock),
+              operator="fast_weight_sum"),
+    ModelSpec(2, "DeltaNet", "deltanet", FastWeightBuilder(DeltaNetBlock), operator="delta_net_fn"),
+    ModelSpec(7, "Recurrent Delta", "recurrent-delta", FastWeightBuilder(RecurrentDeltaBlock),
+              operator="rec_delta_fn"),
+    # The SRWM emits 4 learning rates per step from a d-dimensional input: d >= 4.
+    ModelSpec(12, "SRWM", "srwm", FastWeightBuilder(SRWMBlock), operator="self_ref_v0",
+              requires_remove_pos_enc=True, min_head_dim=4),
+    # Beyond the paper: Grazzi et al. (2025)'s DeltaNet [-1, 1] and its two ingredients alone.
+    ModelSpec(20, "DeltaNet [-1,1]", "deltanet-neg", FastWeightBuilder(NegativeEigenvalueDeltaNetBlock),
+              operator="delta_net_fn", in_paper=False),
+    ModelSpec(21, "DeltaNet L2", "deltanet-l2", FastWeightBuilder(L2DeltaNetBlock), operator="delta_net_fn",
+              in_paper=False),
+    ModelSpec(22, "DeltaNet beta(0,2)", "deltanet-beta2", FastWeightBuilder(WideBetaDeltaNetBlock),
+              operator="delta_net_fn", in_paper=False),
+)}
+
+# Views of the registry, by ID.
+PAPER_MODELS = tuple(model_type for model_type, spec in MODELS.items() if spec.in_paper)  # the table's row order
+EXTENSION_MODELS = tuple(model_type for model_type, spec in MODELS.items() if not spec.in_paper)
+MODEL_NAMES = {model_type: MODELS[model_type].name for model_type in sorted(MODELS)}
+MODEL_SLUGS = {model_type: MODELS[model_type].slug for model_type in sorted(MODELS)}
+FAST_WEIGHT_BLOCKS = {model_type: spec.builder.block for model_type, spec in MODELS.items()
+                      if isinstance(spec.builder, FastWeightBuilder)}
 
 
 def config_error(args):
     """The reason `args` cannot build a model (one line), or None when they can."""
-    if args.model_type not in MODEL_NAMES:
-        return f"unknown --model_type {args.model_type}; choose one of {sorted(MODEL_NAMES)}"
-    if args.model_type in RNN_TYPES:
+    spec = MODELS.get(args.model_type)
+    if spec is None:
+        return f"unknown --model_type {args.model_type}; choose one of {sorted(MODELS)}"
+    if spec.recurrent:
         return None
     if args.hidden_size % args.n_head != 0:
         return f"--hidden_size {args.hidden_size} is not divisible by --n_head {args.n_head}"
-    if args.model_type == 12:
-        if not args.remove_pos_enc:
-            return "the SRWM (--model_type 12) takes no positional encoding: add --remove_pos_enc"
-        if args.hidden_size // args.n_head < SRWM_MIN_HEAD_DIM:
-            return (f"the SRWM needs a head dimension (--hidden_size / --n_head) of at least {SRWM_MIN_HEAD_DIM}, "
-                    f"got {args.hidden_size // args.n_head}")
+    if spec.requires_remove_pos_enc and not args.remove_pos_enc:
+        return f"the {spec.name} (--model_type {spec.id}) takes no positional encoding: add --remove_pos_enc"
+    if args.hidden_size // args.n_head < spec.min_head_dim:
+        return (f"the {spec.name} needs a head dimension (--hidden_size / --n_head) of at least {spec.min_head_dim}, "
+                f"got {args.hidden_size // args.n_head}")
     return None
 
 
@@ -375,17 +431,7 @@ def build_model(args, in_vocab_size, out_vocab_size):
     error = config_error(args)
     if error:
         raise ModelConfigError(error)
-    if args.model_type in RNN_TYPES:
-        return RecurrentModel("lstm" if args.model_type == 0 else "e-lstm", in_vocab_size, out_vocab_size,
-                              emb_size=args.emb_size, hidden_size=args.hidden_size, num_layers=args.num_layer,
-                              dropout=args.dropout, no_embedding=args.no_embedding)
-    if args.model_type == 1:
-        return TransformerModel(in_vocab_size, out_vocab_size, hidden_size=args.hidden_size,
-                                num_layers=args.num_layer, num_head=args.n_head, ff_factor=args.ff_factor,
-                                dropout=args.dropout)
-    return FastWeightModel(FAST_WEIGHT_BLOCKS[args.model_type], in_vocab_size, out_vocab_size,
-                           hidden_size=args.hidden_size, num_layers=args.num_layer, num_head=args.n_head,
-                           ff_factor=args.ff_factor, dropout=args.dropout, use_pos_enc=not args.remove_pos_enc)
+    return MODELS[args.model_type].builder(args, in_vocab_size, out_vocab_size)
 
 
 def count_trainable_params(model):

@@ -27,6 +27,13 @@ class EvalResult:
     by_length: dict = field(default_factory=dict)  # length -> [num_correct, num_total]
 
 
+def selection_score(valid_acc, valid2_acc):
+    """What "best" means throughout: main.py's best checkpoint, tune.py's best trial and results.py's best run are
+    those with the highest mean of the valid (Bin0) and valid2 (Bin1) accuracy. No global names inside: tune.py's
+    trials run it in Ray workers that get it by value (see scripts/experiment.py)."""
+    return (valid_acc + valid2_acc) / 2
+
+
 def sequence_loss(logits, tgt, pad, reduction="mean"):
     """Cross-entropy over the non-pad positions of a batch (mean or sum)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=pad,

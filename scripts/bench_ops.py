@@ -17,20 +17,18 @@ through FWP_CPU_ISA, to measure the AVX2 kernels on an AVX-512 machine) and ATen
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import kernel_loader  # noqa: E402
-from fast_transformers import fast_weight_sum, fast_weight_sum_reference  # noqa: E402
-from fast_transformers.chunked import fast_weight_sum_chunked  # noqa: E402
-from fast_weight import delta_net_fn, delta_net_reference  # noqa: E402
-from fast_weight.chunked import delta_net_chunked  # noqa: E402
-from rec_update_fwm_tanh import rec_delta_fn, rec_delta_reference  # noqa: E402
-from self_ref_v0 import self_ref_v0, self_ref_v0_reference  # noqa: E402
+import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
+import kernel_loader
+from fast_transformers import fast_weight_sum, fast_weight_sum_reference
+from fast_transformers.chunked import fast_weight_sum_chunked
+from fast_weight import delta_net_fn, delta_net_reference
+from fast_weight.chunked import delta_net_chunked
+from rec_update_fwm_tanh import rec_delta_fn, rec_delta_reference
+from self_ref_v0 import self_ref_v0, self_ref_v0_reference
 
 
 def sum_inputs(B, H, L, D, gen):

@@ -2,54 +2,33 @@
 
     python scripts/bench_train.py [--task parity] [--steps 20] [--models 0 10 1 8 2 7 12]
 
-Every model runs at its scripts/hparams.csv configuration for the task, on CPU, single thread, timed in CPU time
-of the computing thread (other users' load on a shared machine barely moves it). A training step is what
-main.py does per batch: forward, loss, backward, Adam step, zero_grad; it is timed on the same random batches
-(length trimmed to the batch's longest line, as main.py does) for every model and split into its three parts.
+Every model runs at its scripts/hparams.csv configuration for the task (main.py's flags as the sweep gives them),
+on CPU, single thread, timed in CPU time of the computing thread (other users' load on a shared machine barely
+moves it). A training step is main.py's per batch (its own functions): forward and loss (the batch trimmed to its
+longest line), backward, the optimiser step and zero_grad; it is timed on the same random batches for every model
+and split into those three parts.
 Seconds per epoch: training = the mean step time x batches per epoch; evaluation = one utils.evaluate of valid and
 test (what main.py runs at each report) x the reports per epoch (every --report_every batches and at the epoch's
-end). Each row ends with the step's ratio to the one-layer LSTM's (model 0). The last section lists the most
-expensive ATen operators of one training step and of one evaluation of the first fast-weight model.
+end). Each row ends with the step's ratio to the one-layer LSTM's. The last section lists the most expensive ATen
+operators of one training step and of one evaluation of the first two fast-weight models.
 """
 import argparse
-import csv
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import experiment  # first: it puts the repository root on sys.path
+import data
+import kernel_loader
+import main as train_main
+from bench_ops import cpu_description
+from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS, build_model
+from utils import evaluate
 
-import data  # noqa: E402
-import kernel_loader  # noqa: E402
-import main as train_main  # noqa: E402
-from model import MODEL_NAMES, build_model  # noqa: E402
-from utils import evaluate, sequence_loss  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import cpu_description  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVAL_BATCH_SIZE = getattr(train_main, "EVAL_BATCH_SIZE", 256)
-DEFAULT_MODELS = [0, 10, 1, 8, 2, 7, 12]
-
-
-def hparams(task, path):
-    """{model_type: flags list for main.py's parser} from hparams.csv rows of `task`."""
-    rows = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            if row["task"] != task:
-                continue
-            flags = [f"--{key}={row[key]}" for key in ("model_type", "num_layer", "hidden_size", "n_head",
-                                                       "ff_factor", "batch_size", "learning_rate")]
-            if int(row["model_type"]) == 12:
-                flags.append("--remove_pos_enc")
-            rows[int(row["model_type"])] = flags
-    return rows
+EVAL_BATCH_SIZE = train_main.EVAL_BATCH_SIZE  # what main.py evaluates with
+BASELINE = "lstm"  # the slug of the model every row is compared with
 
 
 def timed(fn):
@@ -58,17 +37,11 @@ def timed(fn):
     return time.thread_time() - start, result
 
 
-def train_step_parts(model, optimizer, split, indices, pad):
+def train_step_parts(model, optimizer, clip, split, indices, pad):
     """(forward incl. loss, backward, optimizer) CPU seconds of one training step on `indices`."""
-    length = int(split.lengths[indices].max())
-    src, tgt = split.src[indices, :length], split.tgt[indices, :length]
-    t_fwd, loss = timed(lambda: sequence_loss(model(src), tgt, pad))
+    t_fwd, loss = timed(lambda: train_main.batch_loss(model, split, indices, pad))
     t_bwd, _ = timed(loss.backward)
-
-    def step():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    t_opt, _ = timed(step)
+    t_opt, _ = timed(lambda: train_main.update_weights(model, optimizer, clip))
     return t_fwd, t_bwd, t_opt
 
 
@@ -87,25 +60,25 @@ def step_flops(model, split, indices, pad):
             width = module.input_size if layer == 0 else module.hidden_size
             lstm_flops.append(3 * 2 * 4 * module.hidden_size * (width + module.hidden_size) * tokens)
     hooks = [m.register_forward_hook(count_lstm) for m in model.modules() if isinstance(m, torch.nn.LSTM)]
-    length = int(split.lengths[indices].max())
     with counter:
-        sequence_loss(model(split.src[indices, :length]), split.tgt[indices, :length], pad).backward()
+        train_main.batch_loss(model, split, indices, pad).backward()
     for hook in hooks:
         hook.remove()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() + sum(lstm_flops)
 
 
-def bench_model(model_type, flags, dataset, args, batches):
-    parsed = train_main.build_parser().parse_args(flags)
-    torch.manual_seed(1)
+def bench_model(model_type, hparams, dataset, args, batches):
+    parsed = train_main.build_parser().parse_args(experiment.main_args(args.task, model_type, hparams, seed=1))
+    torch.manual_seed(parsed.seed)
     model = build_model(parsed, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=parsed.learning_rate, betas=(0.9, 0.995), eps=1e-9)
+    optimizer = train_main.make_optimizer(model, parsed)
     model.train()
     train = dataset.splits["train"]
     for indices in batches[:2]:  # warm-up: kernel loading, allocator
-        train_step_parts(model, optimizer, train, indices, dataset.tgt_pad)
-    parts = [train_step_parts(model, optimizer, train, indices, dataset.tgt_pad) for indices in batches[2:]]
+        train_step_parts(model, optimizer, parsed.clip, train, indices, dataset.tgt_pad)
+    parts = [train_step_parts(model, optimizer, parsed.clip, train, indices, dataset.tgt_pad)
+             for indices in batches[2:]]
     fwd, bwd, opt = (statistics.mean(p[i] for p in parts) for i in range(3))
     flops = statistics.mean(step_flops(model, train, indices, dataset.tgt_pad) for indices in batches[2:])
     step = fwd + bwd + opt
@@ -115,7 +88,8 @@ def bench_model(model_type, flags, dataset, args, batches):
                                 for name in ("valid", "test")])[0] for _ in range(args.eval_repeats))
     return {"name": MODEL_NAMES[model_type], "type": model_type, "step": step, "fwd": fwd, "bwd": bwd, "opt": opt,
             "train_epoch": step * batches_per_epoch, "eval": t_eval, "eval_epoch": t_eval * evaluations, "flops": flops,
-            "evaluations": evaluations, "batches": batches_per_epoch, "model": model, "optimizer": optimizer}
+            "evaluations": evaluations, "batches": batches_per_epoch, "model": model, "optimizer": optimizer,
+            "clip": parsed.clip}
 
 
 def top_ops(fn, count):
@@ -133,8 +107,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="parity")
     parser.add_argument("--data_dir", default=None, help="default: data/<task>, generated when missing")
-    parser.add_argument("--hparams", default=os.path.join(ROOT, "scripts", "hparams.csv"))
-    parser.add_argument("--models", type=int, nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--hparams", default=str(experiment.REPO_ROOT / "scripts" / "hparams.csv"))
+    parser.add_argument("--models", type=int, nargs="+", default=list(PAPER_MODELS))
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per model (after 2 warm-up)")
     parser.add_argument("--eval_repeats", type=int, default=1)
     parser.add_argument("--report_every", type=int, default=50, help="main.py's --report_every")
@@ -146,14 +120,15 @@ def main(argv=None):
     if args.flush_denormal:
         torch.set_flush_denormal(True)
 
-    data_dir = args.data_dir or os.path.join(ROOT, "data", args.task)
+    data_dir = args.data_dir or str(experiment.REPO_ROOT / "data" / args.task)
     if data.needs_generation(data_dir):
         data.write_task(args.task, data_dir)
     dataset = data.load_data(data_dir, device="cpu")
-    configs = hparams(args.task, args.hparams)
+    configs = {model_type: hparams for (task, model_type), hparams in experiment.read_hparams(args.hparams).items()
+               if task == args.task}
     train = dataset.splits["train"]
     generator = torch.Generator().manual_seed(0)
-    batch_size = int(next(iter(configs.values()))[5].split("=")[1])
+    batch_size = next(iter(configs.values())).batch_size  # one set of batches for every model: the first row's size
     batches = torch.randperm(len(train), generator=generator).split(batch_size)[:args.steps + 2]
 
     isa = "reference (no kernel)"
@@ -174,7 +149,7 @@ def main(argv=None):
             continue
         r = bench_model(model_type, configs[model_type], dataset, args, batches)
         results.append(r)
-        if model_type == 0:
+        if MODEL_SLUGS[model_type] == BASELINE:
             lstm = r
         step_ratio, flop_ratio = (f"{r[key] / lstm[key]:.2f}x" if lstm else "n/a" for key in ("step", "flops"))
         print(f"| {r['name']} ({model_type}) | {r['step'] * 1e3:.1f} | {r['fwd'] * 1e3:.1f} | {r['bwd'] * 1e3:.1f} | "
@@ -183,13 +158,13 @@ def main(argv=None):
               f"{r['eval_epoch']:.1f} |", flush=True)
 
     if args.profile:
-        fast = [r for r in results if r["type"] in (2, 7, 8, 12)] or results
+        fast = [r for r in results if MODELS[r["type"]].operator is not None] or results
         for r in fast[:2]:
-            model, optimizer = r["model"], r["optimizer"]
+            model, optimizer, clip = r["model"], r["optimizer"], r["clip"]
             print(f"\nCostliest operators (self CPU time) of one training step of {r['name']}:\n")
             print("| operator | calls | ms | share |\n| --- | ---: | ---: | ---: |")
-            print("\n".join(top_ops(lambda: train_step_parts(model, optimizer, train, batches[2], dataset.tgt_pad),
-                                    12)))
+            print("\n".join(top_ops(lambda: train_step_parts(model, optimizer, clip, train, batches[2],
+                                                              dataset.tgt_pad), 12)))
             print(f"\nCostliest operators of one evaluation (valid + test) of {r['name']}:\n")
             print("| operator | calls | ms | share |\n| --- | ---: | ---: | ---: |")
             print("\n".join(top_ops(lambda: [evaluate(model, dataset.splits[name], dataset.tgt_pad, EVAL_BATCH_SIZE)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
-import model as model_module  # noqa: E402
-from model import MODEL_NAMES, build_model  # noqa: E402
-from utils import CheckpointError, length_sorted_batches, load_checkpoint  # noqa: E402
+import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
+import data
+import model as model_module
+from model import MODEL_NAMES, build_model
+from utils import CheckpointError, length_sorted_batches, load_checkpoint
 
 TEST_LOWER = 40
 

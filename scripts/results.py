@@ -8,6 +8,9 @@ A run directory is any folder below --runs that holds an args.json. Finished run
 best checkpoint; unfinished ones the best evaluation in their metrics.jsonl so far, marked `*`.
 A cell searched by scripts/tune.py (a search.json below --search) shows the seed-1 run of its best configuration
 instead, with how many of its seeds reach 99 % on Bin1, and OUT_DIR/search.md lists every searched cell.
+--searched_csv (default scripts/hparams_searched.csv) gets the chosen configuration of every searched cell in the
+format of scripts/hparams.csv, with the search's epoch cap as num_epoch: `python scripts/sweep.py --csv
+scripts/hparams_searched.csv --work_dir DIR` trains them again.
 """
 import argparse
 import json
@@ -18,17 +21,13 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import experiment  # first: it puts the repository root on sys.path
+from data import TASKS
+from experiment import REPO_ROOT
+from model import EXTENSION_MODELS, MODEL_NAMES, PAPER_MODELS
+from tune import SEARCH_SEED, search_ended, trial_configuration, trials_done
+from utils import selection_score
 
-from data import TASKS  # noqa: E402
-from model import MODEL_NAMES  # noqa: E402
-from sweep import run_dirs  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from tune import search_ended, trials_done  # noqa: E402
-
-# The paper's row order: recurrent models, then the Transformer family, then its recurrent extensions.
-MODEL_ORDER = (0, 10, 1, 8, 2, 7, 12)
-EXTENSION_ORDER = (20, 21, 22)  # models beyond the paper: a row only where they have runs
 TABLE_FILE = "table.md"
 PLOT_FILE = "length_generalization.png"
 
@@ -46,23 +45,7 @@ class Run:
 
     @property
     def score(self):
-        """What "best" means throughout: the mean of Bin0 and Bin1, as main.py's choice of the best checkpoint."""
-        return (self.bin0 + self.bin1) / 2
-
-
-def best_metrics_row(metrics_path):
-    """The evaluation with the highest mean of valid/valid2 accuracy (the earliest of equals), or None."""
-    best = None
-    if not metrics_path.is_file():
-        return None
-    with open(metrics_path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if best is None or row["valid_acc"] + row["valid2_acc"] > best["valid_acc"] + best["valid2_acc"]:
-                best = row
-    return best
+        return selection_score(self.bin0, self.bin1)
 
 
 def read_run(run_dir):
@@ -71,13 +54,11 @@ def read_run(run_dir):
         args = json.load(f)
     common = dict(path=run_dir, task=os.path.basename(os.path.normpath(args["data_dir"])),
                   model_type=int(args["model_type"]), seed=int(args["seed"]))
-    final_path = run_dir / "final.json"
-    if final_path.is_file():
-        with open(final_path) as f:
-            final = json.load(f)
+    final = experiment.read_final(run_dir)
+    if final is not None:
         return Run(**common, bin0=final["valid_acc"], bin1=final["valid2_acc"], finished=True,
                    by_length=final.get("by_length", {}))
-    row = best_metrics_row(run_dir / "metrics.jsonl")
+    row = experiment.best_evaluation(experiment.read_metrics(run_dir))
     if row is None:
         return None
     return Run(**common, bin0=row["valid_acc"], bin1=row["valid2_acc"], finished=False, by_length={})
@@ -138,33 +119,53 @@ SEARCH_FILE = "search.md"
 
 
 def latest_run(trial_folder):
-    dirs = run_dirs(trial_folder)
-    return read_run(dirs[-1]) if dirs else None
+    run_dir = experiment.latest_run_dir(trial_folder)
+    return read_run(run_dir) if run_dir else None
 
 
-def collect_search(root):
-    """{(task, model_type): SearchCell} for every search.json below `root` that has chosen a configuration."""
-    cells = {}
+def chosen_summaries(root):
+    """[(folder, summary)] for every search.json below `root` that has chosen a configuration, in path order."""
+    summaries = []
     for path in sorted(Path(root).rglob("search.json")) if Path(root).is_dir() else []:
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             print(f"warning: skipping {path}: unreadable ({exc})", file=sys.stderr)
             continue
-        if not summary.get("best"):
-            continue
+        if summary.get("best"):
+            summaries.append((path.parent, summary))
+    return summaries
+
+
+def collect_search(summaries):
+    """{(task, model_type): SearchCell} of the chosen_summaries whose chosen trial has a run with an evaluation."""
+    cells = {}
+    for folder, summary in summaries:
         names = [summary["best"]] + [seed["name"] for seed in summary["seeds"]]
-        runs = [run for run in (latest_run(path.parent / name) for name in names) if run is not None]
-        if runs and runs[0].seed == 1:
-            cells[(summary["task"], summary["model_type"])] = SearchCell(summary, path.parent, runs)
+        runs = [run for run in (latest_run(folder / name) for name in names) if run is not None]
+        if runs and runs[0].seed == SEARCH_SEED:
+            cells[(summary["task"], summary["model_type"])] = SearchCell(summary, folder, runs)
     return cells
 
 
+def chosen_configuration(summary):
+    """The experiment.HParams of a search.json's chosen trial, with the search's epoch cap as num_epoch. Summaries
+    written before tune.py searched the batch size hold trials without one: they ran at the space's."""
+    space = summary["space"]
+    best = next(trial for trial in summary["trials"] if trial["name"] == summary["best"])
+    return trial_configuration({"batch_size": space["batch_size"], **best["hparams"]}, space["ff_factor"],
+                               space["epoch_cap"])
+
+
+def write_searched_hparams(path, summaries):
+    """The chosen configuration of every summary as an hparams csv, rows in the table's order."""
+    table = {(s["task"], s["model_type"]): chosen_configuration(s) for _, s in summaries}
+    experiment.write_hparams(path, {key: table[key] for key in in_table_order(table)})
+
+
 def evaluation_curve(run_dir):
-    """Mean of Bin0 and Bin1 accuracy at each epoch end, from metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [(r["valid_acc"] + r["valid2_acc"]) / 2 for r in records if r.get("end_of_epoch")]
+    """The score at each epoch end, from metrics.jsonl."""
+    return [experiment.evaluation_score(r) for r in experiment.read_metrics(run_dir) if r.get("end_of_epoch")]
 
 
 def render_search(cells, table_dir):
@@ -173,9 +174,8 @@ def render_search(cells, table_dir):
              f"Per cell: every trial (seed 1) with its status and best mean of Bin0 and Bin1; the chosen "
              f"configuration (highest best mean, then fewest steps), its curve (mean of Bin0 and Bin1 at each "
              f"epoch end) and its seeds 2 and 3. Solved: Bin1 >= {SOLVED_BIN1:g} %."]
-    models = table_models(cells)
-    for (task, model_type), cell in sorted(cells.items(), key=lambda item: (table_tasks(cells).index(item[0][0]),
-                                                                            models.index(item[0][1]))):
+    for task, model_type in in_table_order(cells):
+        cell = cells[(task, model_type)]
         summary, best_run = cell.summary, cell.runs[0]
         space = summary["space"]
         lines += ["", f"## {task} / {MODEL_NAMES[model_type]}", "",
@@ -210,13 +210,19 @@ def around_best_sentence(space):
 
 def table_models(chosen):
     """The paper's seven rows, then each extension model that has a run."""
-    return MODEL_ORDER + tuple(m for m in EXTENSION_ORDER if any(model == m for _, model in chosen))
+    return PAPER_MODELS + tuple(m for m in EXTENSION_MODELS if any(model == m for _, model in chosen))
 
 
 def table_tasks(chosen):
     """The paper's eight tasks, then any other task that has runs."""
     others = sorted({task for task, _ in chosen} - set(TASKS))
     return list(TASKS) + others
+
+
+def in_table_order(cells):
+    """The (task, model_type) keys of `cells` as the table orders them: by task column, then by model row."""
+    tasks, models = table_tasks(cells), table_models(cells)
+    return sorted(cells, key=lambda key: (tasks.index(key[0]), models.index(key[1])))
 
 
 def one_decimal(accuracy):
@@ -326,6 +332,32 @@ def plot_length_generalization(chosen, path, bucket):
     return None
 
 
+# README.md shows table.md's grid between these two lines; results.py rewrites it there, so the front page cannot
+# fall behind the table.
+README_GRID_START = "<!-- the grid of results/table.md, written by scripts/results.py -->"
+README_GRID_END = "<!-- end of the grid -->"
+
+
+def grid_lines(table_text):
+    """The first Markdown table of table.md: its header, rule and one row per model."""
+    lines = table_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def update_readme_grid(readme, table_text):
+    """Replaces the grid between README_GRID_START and README_GRID_END in `readme`; False when it has no markers."""
+    text = readme.read_text()
+    if README_GRID_START not in text or README_GRID_END not in text:
+        return False
+    before, rest = text.split(README_GRID_START + "\n", 1)
+    _, after = rest.split(README_GRID_END, 1)
+    readme.write_text(before + README_GRID_START + "\n" + "\n".join(grid_lines(table_text)) + "\n" + README_GRID_END
+                      + after)
+    return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="root of the run directories")
@@ -333,7 +365,14 @@ def main(argv=None):
                         help="root of scripts/tune.py's cells (search.json)")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "results"), help="where table.md and the plot go")
     parser.add_argument("--bucket", type=int, default=10, help="width of the length buckets of the plot")
+    parser.add_argument("--searched_csv", default=str(REPO_ROOT / "scripts" / "hparams_searched.csv"),
+                        help="where the chosen configuration of every searched cell goes (hparams.csv's format)")
+    parser.add_argument("--readme", default=None,
+                        help="a README whose grid to rewrite (default: the repository's README.md, when --out_dir is "
+                             "the repository's results/)")
     args = parser.parse_args(argv)
+    if args.readme is None and Path(args.out_dir).resolve() == (REPO_ROOT / "results").resolve():
+        args.readme = str(REPO_ROOT / "README.md")
     if not Path(args.runs).is_dir():
         print(f"error: no run directory {args.runs}", file=sys.stderr)
         return 2
@@ -341,15 +380,22 @@ def main(argv=None):
         print("error: --bucket must be at least 1", file=sys.stderr)
         return 2
     chosen = choose(collect_runs(args.runs))
-    searched = collect_search(args.search)
+    summaries = chosen_summaries(args.search)
+    searched = collect_search(summaries)
     chosen.update({key: (cell.runs[0], 1) for key, cell in searched.items()})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TABLE_FILE).write_text(render_table(chosen, out_dir, searched))
+    table_text = render_table(chosen, out_dir, searched)
+    (out_dir / TABLE_FILE).write_text(table_text)
     print(f"wrote {out_dir / TABLE_FILE} ({len(chosen)} cells, {len(searched)} searched)")
+    if args.readme and update_readme_grid(Path(args.readme), table_text):
+        print(f"wrote its grid into {args.readme}")
     if searched:
         (out_dir / SEARCH_FILE).write_text(render_search(searched, out_dir))
         print(f"wrote {out_dir / SEARCH_FILE}")
+    if summaries:
+        write_searched_hparams(args.searched_csv, summaries)
+        print(f"wrote {args.searched_csv} ({len(summaries)} searched cells)")
     no_plot_reason = plot_length_generalization(chosen, out_dir / PLOT_FILE, args.bucket)
     print(f"no plot: {no_plot_reason}" if no_plot_reason else f"wrote {out_dir / PLOT_FILE}")
     return 0

@@ -32,19 +32,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
+from data import TASKS
+from experiment import (PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError, HParams, best_evaluation, evaluation_score,
+                        has_checkpoint, is_finished, latest_run_dir, main_args, main_running, read_metrics, resume_args,
+                        ship_to_workers)
+from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS
+from sweep import import_ray, prepare_data, ray_running, stopping_cleanly, thread_env
 
-from sweep import (PID_FILE, REPO_ROOT, RUN_LOG, TRAIN_SCRIPT, SweepError, import_ray, prepare_data,  # noqa: E402
-                   ray_running, run_dirs, stopping_cleanly, thread_env)
-from data import TASKS  # noqa: E402
-from model import MODEL_NAMES, MODEL_SLUGS, RNN_TYPES  # noqa: E402
-
-PAPER_MODELS = (0, 10, 1, 8, 2, 7, 12)
 LEARNING_RATES = ("3e-4", "1e-3", "3e-3")
 LAYERS = (1, 2)
 ATTENTION_WIDTHS = ((64, 4), (128, 4), (128, 8))  # (hidden size, heads)
 RNN_WIDTHS = ((64, 1), (128, 1))
-E_LSTM = 10
 BATCH_SIZE, FF_FACTOR = 64, 4
 SEARCH_SEED, ROBUSTNESS_SEEDS = 1, (2, 3)
 ASHA_GRACE_EPOCHS, ASHA_REDUCTION = 5, 3
@@ -59,10 +58,11 @@ CELL_LOCK = "tune.lock"
 
 def search_space(model_type, learning_rates=LEARNING_RATES, layers=LAYERS, widths=None):
     """The trials of one cell: dicts of learning_rate, num_layer, hidden_size, n_head, batch_size."""
+    spec = MODELS[model_type]
     if widths is None:
-        widths = RNN_WIDTHS if model_type in RNN_TYPES else ATTENTION_WIDTHS
-    if model_type == E_LSTM:
-        layers = (1,)  # the e-LSTM has one layer whatever --num_layer says
+        widths = RNN_WIDTHS if spec.recurrent else ATTENTION_WIDTHS
+    if spec.one_layer:
+        layers = (1,)  # more would be the same trial: the model has one layer whatever --num_layer says
     return [{"learning_rate": lr, "num_layer": n, "hidden_size": h, "n_head": heads, "batch_size": BATCH_SIZE}
             for lr in learning_rates for n in layers for h, heads in widths]
 
@@ -118,30 +118,28 @@ def cell_folder(work_dir, task, model_type):
     return Path(work_dir) / task / MODEL_SLUGS[model_type]
 
 
-def train_command(task, model_type, hparams, seed, epoch_cap, data_root, folder):
-    return ["bash", str(TRAIN_SCRIPT), task, str(model_type), str(hparams["num_layer"]), str(hparams["hidden_size"]),
-            str(hparams["n_head"]), str(FF_FACTOR), str(hparams["batch_size"]), hparams["learning_rate"],
-            "--num_epoch", str(epoch_cap), "--seed", str(seed), "--data_dir", str(Path(data_root) / task),
-            "--work_dir", str(folder)]
+def trial_configuration(hparams, ff_factor, epoch_cap):
+    """The HParams a trial of `hparams` (a search-space point) trains with."""
+    return HParams(**hparams, ff_factor=ff_factor, num_epoch=epoch_cap)
+
+
+def trial_args(task, model_type, hparams, seed, epoch_cap, data_root, folder):
+    """main.py's flags for a trial: its data under data_root, its run directory in the trial folder."""
+    return main_args(task, model_type, trial_configuration(hparams, FF_FACTOR, epoch_cap), seed,
+                     ["--data_dir", str(Path(data_root) / task), "--work_dir", str(folder)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One trial, as Ray Tune runs it. Only the standard library and Ray inside: Ray ships this function by value to
-# workers that cannot import this script.
+# One trial, as Ray Tune runs it. Ray ships this function, and the functions of the experiment layer it calls, by
+# value (ship_to_workers): the workers cannot import them. It calls them by the names imported above, never as
+# attributes of the experiment module: a module object would travel whole, with the model registry (and an import
+# of model.py, which a worker cannot find) in it.
 
 
 def run_trial(tune_config):
     """Report what main.py has already logged in the trial folder, then start or resume it and report each new
     evaluation as it appears in metrics.jsonl. A finished trial only replays its metrics."""
-    import ctypes
-    import json
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     from ray import tune
 
@@ -152,66 +150,33 @@ def run_trial(tune_config):
     folder.mkdir(parents=True, exist_ok=True)
     state = {"reported": 0, "best": 0.0}
 
-    def latest_run_dir():
-        dirs = [d for d in folder.iterdir() if (d / "args.json").is_file()]
-        return max(dirs, key=lambda d: (d / "args.json").stat().st_mtime) if dirs else None
-
     def report_new_evaluations(run_dir):
-        path = run_dir / "metrics.jsonl" if run_dir else None
-        if path is None or not path.is_file():
-            return
-        for line in path.read_text().splitlines()[state["reported"]:]:
-            try:
-                record = json.loads(line)
-            except ValueError:  # being written
-                return
+        for record in (read_metrics(run_dir) if run_dir else [])[state["reported"]:]:
             state["reported"] += 1
-            score = (record["valid_acc"] + record["valid2_acc"]) / 2
+            score = evaluation_score(record)
             state["best"] = max(state["best"], score)
             report({"best_score": state["best"], "score": score, "valid_acc": record["valid_acc"],
                     "valid2_acc": record["valid2_acc"], "step": record["step"],
                     "epochs": record["step"] / config["batches_per_epoch"]})
 
-    run_dir = latest_run_dir()
-    if (folder / config["stopped_marker"]).is_file() or (run_dir is not None and (run_dir / "final.json").is_file()):
+    run_dir = latest_run_dir(folder)
+    if (folder / STOPPED_MARKER).is_file() or is_finished(run_dir):
         report_new_evaluations(run_dir)  # ended earlier: replay only
         return
-    if run_dir is not None and not (run_dir / "latest_model.pt").is_file():
+    if run_dir is not None and not has_checkpoint(run_dir):
         shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to resume
         run_dir = None
     report_new_evaluations(run_dir)
-    command = config["command"] if run_dir is None else ["bash", config["train_script"], "--resume", str(run_dir)]
-
-    # main.py must not outlive a worker that dies. (When the driver is interrupted, its stop_runs has already let
-    # main.py save: Ray ends its workers' processes outright.)
-    def stop_with_parent():
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-    with open(folder / config["run_log"], "a") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
-        log.flush()
-        # The worker's interpreter runs main.py, as in sweep.py, not the PATH's `python`, which may lack torch: on a
-        # local instance it is the driver's (Ray starts its workers with it); on a cluster, the one the node runs
-        # Ray with, where the driver's path may not exist.
-        env = dict(os.environ, **config["env"], PYTHON=sys.executable)
-        proc = subprocess.Popen(command, cwd=config["repo_root"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=stop_with_parent)
-    pid_file = folder / config["pid_file"]
-    pid_file.write_text(f"{proc.pid}\n")
-    try:
+    args = config["main_args"] if run_dir is None else resume_args(run_dir)
+    # Leaving early (the scheduler stopped the trial) sends main.py SIGTERM: it checkpoints the batch it is on.
+    with main_running(args, folder, config["env"]) as proc:
         while proc.poll() is None:
             time.sleep(1.0)
-            report_new_evaluations(latest_run_dir())
-        report_new_evaluations(latest_run_dir())
-    finally:  # the scheduler stopped the trial: main.py checkpoints the batch it is on and exits
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-        pid_file.unlink(missing_ok=True)
-    run_dir = latest_run_dir()
-    if proc.returncode != 0 and not (run_dir is not None and (run_dir / "final.json").is_file()):
+            report_new_evaluations(latest_run_dir(folder))
+        report_new_evaluations(latest_run_dir(folder))
+    if proc.returncode != 0 and not is_finished(latest_run_dir(folder)):
         # An error, not a scheduler's stop: Tune records it, and a relaunch resumes the trial.
-        raise RuntimeError(f"main.py exited with status {proc.returncode}; see {folder / config['run_log']}")
+        raise RuntimeError(f"main.py exited with status {proc.returncode}; see {folder / RUN_LOG}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,22 +185,19 @@ def run_trial(tune_config):
 
 def trial_status(folder):
     """(status, best score, best step, epochs trained) of a trial folder, from main.py's files."""
-    dirs = run_dirs(folder)
-    if not dirs:
+    run_dir = latest_run_dir(folder)
+    if run_dir is None:
         return "not started", None, None, 0.0
-    run_dir = dirs[-1]
-    records = []
-    if (run_dir / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     if not records:
         return "started", None, None, 0.0
-    best = max(records, key=lambda r: (r["valid_acc"] + r["valid2_acc"], -r["step"]))
+    best = best_evaluation(records)
     epochs = records[-1]["epoch"] - (0 if records[-1]["end_of_epoch"] else 1)
-    if (run_dir / "final.json").is_file():
+    if is_finished(run_dir):
         status = "finished"
     else:
         status = "stopped early" if (folder / STOPPED_MARKER).is_file() else "unfinished"
-    return status, (best["valid_acc"] + best["valid2_acc"]) / 2, best["step"], epochs
+    return status, evaluation_score(best), best["step"], epochs
 
 
 def choose_best(trials):
@@ -367,12 +329,9 @@ class Cell:
     def trial(self, hparams, seed):
         folder = self.folder / trial_name(hparams, seed)
         return {"folder": str(folder), "batches_per_epoch": math.ceil(self.train_lines / hparams["batch_size"]),
-                "run_log": RUN_LOG,
-                "stopped_marker": STOPPED_MARKER, "pid_file": PID_FILE,
-                "train_script": str(TRAIN_SCRIPT), "repo_root": str(REPO_ROOT),
                 "env": thread_env(self.args.cpus_per_run),
-                "command": train_command(self.task, self.model_type, hparams, seed, self.args.epoch_cap,
-                                         self.args.data_root, folder)}
+                "main_args": trial_args(self.task, self.model_type, hparams, seed, self.args.epoch_cap,
+                                        self.args.data_root, folder)}
 
     def summary(self):
         space = self.space
@@ -514,6 +473,14 @@ def count_lines(path):
         return sum(1 for line in f if line.strip())
 
 
+def width_and_heads(text):
+    """(hidden size, heads) of a HIDDENxHEADS pair such as 64x4; ValueError unless HEADS divides HIDDEN."""
+    hidden, heads = (int(x) for x in text.lower().split("x"))  # ValueError too for anything but two numbers
+    if hidden < 1 or heads < 1 or hidden % heads:
+        raise ValueError(text)
+    return hidden, heads
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
@@ -540,9 +507,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.widths is not None:
         try:
-            args.widths = tuple(tuple(int(x) for x in w.lower().split("x")) for w in args.widths)
-            assert all(len(w) == 2 and w[0] >= 1 and w[1] >= 1 and w[0] % w[1] == 0 for w in args.widths)
-        except (ValueError, AssertionError):
+            args.widths = tuple(width_and_heads(w) for w in args.widths)
+        except ValueError:
             parser.error("--widths takes HIDDENxHEADS pairs with HIDDEN divisible by HEADS, e.g. 64x4")
     if args.epoch_cap < 1 or args.cpus_per_run < 1 or (args.parallel is not None and args.parallel < 1):
         parser.error("--epoch_cap, --cpus_per_run and --parallel must be at least 1")
@@ -603,7 +569,7 @@ def main(argv=None):
     try:
         ray = import_ray()
         from ray import tune
-    except (SweepError, ImportError) as exc:
+    except (ExperimentError, ImportError) as exc:
         print(f"error: {exc} (pip install -r requirements-sweep.txt)", file=sys.stderr)
         return 2
     # Ray Tune would turn Ctrl-C into a normal end of the current cell and go on with the next one; we want it to
@@ -612,10 +578,9 @@ def main(argv=None):
     try:
         with ray_running(ray, args.address, local_cpus(args)):  # first: a cluster that does not answer ends it at once
             prepare_data(args.tasks, args.data_root, bins=3)
-            from ray import cloudpickle
-            cloudpickle.register_pickle_by_value(sys.modules[run_trial.__module__])  # workers cannot import this file
+            ship_to_workers(sys.modules[run_trial.__module__])
             failed = search_cells(args, ray, tune)
-    except SweepError as exc:
+    except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

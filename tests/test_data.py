@@ -1,11 +1,10 @@
 """Tests of data.py: the eight generated datasets against an independent reading of the spec, and the loader.
 
-The language and target checks below are written from ../shared/spec/data.md without using data.py's own
+The language and target checks below are written from docs/data.md without using data.py's own
 sampling or target code: membership by regular expressions and bracket reduction, targets from what each prefix
 allows next.
 """
 import functools
-import hashlib
 import inspect
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import data
+import digests
 
 REPO = Path(data.__file__).resolve().parent
 GENERATED_SPLITS = ("train", "valid", "test")
@@ -289,10 +289,7 @@ DATA_SHA256 = Path(__file__).resolve().parent / "fixtures" / "data_sha256.txt"
 
 
 def test_generated_files_are_the_bytes_the_committed_results_used(with_bins):
-    expected = dict(line.split("  ")[::-1] for line in DATA_SHA256.read_text().splitlines())
-    written = {f"{path.parent.name}/{path.name}": hashlib.sha256(path.read_bytes()).hexdigest()
-               for path in sorted(with_bins.glob("*/*"))}
-    assert written == expected
+    assert digests.written(with_bins) == digests.recorded(DATA_SHA256)
 
 
 @pytest.mark.parametrize("task", ["parity", "aa-star", "counter-3", "dyck-1"])   # one per construction mode

@@ -234,9 +234,10 @@ def tasks_generated(monkeypatch):
     return written
 
 
-def test_missing_task_directory_is_generated(tmp_path, tasks_generated, capsys):
-    code, _ = run_main(tmp_path, tmp_path / "data" / "parity", *TINY, "--num_epoch", "1")
-    assert code == 0 and tasks_generated == ["parity"]
+@pytest.mark.parametrize("task", ["parity", "s5"])  # a paper task and a group task (beyond the paper)
+def test_missing_task_directory_is_generated(tmp_path, tasks_generated, capsys, task):
+    code, _ = run_main(tmp_path, tmp_path / "data" / task, *TINY, "--num_epoch", "1")
+    assert code == 0 and tasks_generated == [task]
     assert capsys.readouterr().out.count("generating") == 1
 
 

@@ -78,9 +78,12 @@ def with_fake_python_first_on_path(env, folder):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_run_without_address_ignores_records_of_other_clusters_and_trains_with_its_own_interpreter(
         script, tmp_path, records_of_a_dead_cluster):
-    """Both in one run of each script, as a Ray instance takes 10-20 s to start."""
+    """Both in one run of each script, as a Ray instance takes 10-20 s to start. Started from another folder than the
+    repository: Ray's workers then have only that folder and scripts/ on their sys.path, not the repository root, so
+    whatever the trial or run needs from the repository must reach them by value (experiment.ship_to_workers)."""
     env, fake_python_called = with_fake_python_first_on_path(records_of_a_dead_cluster, tmp_path / "bin")
-    result = subprocess.run(tiny_command(script, tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(tiny_command(script, tmp_path), env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     if script == "sweep":

@@ -1,5 +1,7 @@
-"""scripts/results.py: fixture run directories (tests/fixtures/run_dirs) into the exact table and a plot."""
+"""scripts/results.py: fixture run directories (tests/fixtures/run_dirs) into the exact table and a plot, and the
+repository's hparams_searched.csv against its searches."""
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ FIXTURE_RUNS = REPO_ROOT / "tests" / "fixtures" / "run_dirs"
 NO_SEARCH = ["--search", str(REPO_ROOT / "tests" / "fixtures" / "no_such_search")]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+import experiment  # noqa: E402
 import results  # noqa: E402
 
 # What the fixtures hold:
@@ -124,3 +127,38 @@ def test_an_extension_model_gets_a_row_only_when_it_has_runs(results_dir):
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[-2:] == ["| SRWM", "| DeltaNet [-1,1]"]
     assert "DeltaNet L2" not in (results_dir / "table.md").read_text()
+
+
+def test_hparams_searched_csv_holds_the_choice_of_every_searched_cell():
+    """scripts/hparams_searched.csv (written by results.py) against each results/search/<task>/<model>/search.json:
+    the best trial's hparams, the space's ff_factor and epoch cap, and the batch size its name carries (-b32; none:
+    the grid's 64). Rerun `python scripts/results.py` when a search has moved on."""
+    expected = {}
+    for path in sorted((REPO_ROOT / "results" / "search").glob("*/*/search.json")):
+        summary = json.loads(path.read_text())
+        if not summary.get("best"):
+            continue
+        [best] = [trial for trial in summary["trials"] if trial["name"] == summary["best"]]
+        hparams, space = best["hparams"], summary["space"]
+        named_batch = re.search(r"-b(\d+)-seed", best["name"])
+        batch_size = int(named_batch.group(1)) if named_batch else space["batch_size"]
+        assert hparams.get("batch_size", batch_size) == batch_size, best["name"]
+        expected[(summary["task"], summary["model_type"])] = experiment.HParams(
+            num_layer=hparams["num_layer"], hidden_size=hparams["hidden_size"], n_head=hparams["n_head"],
+            ff_factor=space["ff_factor"], batch_size=batch_size, learning_rate=hparams["learning_rate"],
+            num_epoch=space["epoch_cap"])
+    assert expected, "no search.json with a chosen configuration"
+    assert experiment.read_hparams(REPO_ROOT / "scripts" / "hparams_searched.csv") == expected
+
+
+def test_the_readme_grid_is_rewritten_from_the_table_and_the_committed_one_is_current(tmp_path):
+    table = (results.REPO_ROOT / "results" / "table.md").read_text()
+    readme = results.REPO_ROOT / "README.md"
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.read_text().replace("| LSTM | 100.0", "| LSTM | 0.0"))
+    assert results.update_readme_grid(copy, table)
+    assert copy.read_text() == readme.read_text()  # the committed README shows the committed table
+    grid = "\n".join(results.grid_lines(table))
+    assert f"{results.README_GRID_START}\n{grid}\n{results.README_GRID_END}" in readme.read_text()
+    (tmp_path / "other.md").write_text("no markers\n")
+    assert not results.update_readme_grid(tmp_path / "other.md", table)

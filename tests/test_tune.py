@@ -3,6 +3,7 @@ that reruns nothing, the trial's replay and resume, and results.py's view of the
 import io
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -15,6 +16,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+import experiment  # noqa: E402
+import main  # noqa: E402
 import results  # noqa: E402
 import sweep  # noqa: E402
 import tune  # noqa: E402
@@ -101,7 +104,7 @@ def test_results_show_the_searched_cell(tiny_search, tmp_path):
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
         assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"),
-                             "--out_dir", str(tmp_path)]) == 0
+                             "--out_dir", str(tmp_path), "--searched_csv", str(tmp_path / "searched.csv")]) == 0
     summary = json.loads((root / "search" / "parity" / "lstm" / tune.SUMMARY_FILE).read_text())
     runs = [results.latest_run(root / "search" / "parity" / "lstm" / name)
             for name in [summary["best"]] + [s["name"] for s in summary["seeds"]]]
@@ -114,13 +117,40 @@ def test_results_show_the_searched_cell(tiny_search, tmp_path):
     assert all(t["name"] in search_md for t in summary["trials"])
 
 
+def test_the_chosen_configuration_of_a_search_trains_again_through_the_sweep(tiny_search, tmp_path, capsys):
+    """results.py's hparams_searched.csv: the best trial's hparams with the search's epoch cap, which sweep.py
+    trains as the search trained it."""
+    root, _, _, _, _ = tiny_search
+    (tmp_path / "runs").mkdir()
+    csv_path = tmp_path / "searched.csv"
+    assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"), "--out_dir",
+                         str(tmp_path), "--searched_csv", str(csv_path)]) == 0
+    summary = json.loads((root / "search" / "parity" / "lstm" / tune.SUMMARY_FILE).read_text())
+    best = next(t for t in summary["trials"] if t["name"] == summary["best"])
+    [(key, hparams)] = experiment.read_hparams(csv_path).items()
+    assert key == ("parity", 0)
+    assert hparams == experiment.HParams(**best["hparams"], ff_factor=4, num_epoch=2)
+    capsys.readouterr()
+    assert sweep.main(["--csv", str(csv_path), "--work_dir", str(tmp_path / "rerun"), "--data_root",
+                       str(root / "data"), "--dry_run"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    [run_dir] = experiment.run_dirs(root / "search" / "parity" / "lstm" / summary["best"])
+    searched = json.loads((run_dir / "args.json").read_text())
+    rerun = vars(main.build_parser().parse_args(shlex.split(line.split(" main.py ", 1)[1])))
+    assert {k: v for k, v in rerun.items() if k != "work_dir"} == {k: v for k, v in searched.items()
+                                                                  if k != "work_dir"}
+
+
 # -- the trial function alone ------------------------------------------------------------------------------------
 
-def fake_trial(folder, command):
-    return {"trial": {"folder": str(folder), "batches_per_epoch": 6, "run_log": "run.log",
-                      "stopped_marker": tune.STOPPED_MARKER, "pid_file": tune.PID_FILE,
-                      "train_script": str(tune.TRAIN_SCRIPT), "repo_root": str(REPO_ROOT), "env": {},
-                      "command": command}}
+def fake_trial(folder, main_args=("--model_type", "3")):
+    return {"trial": {"folder": str(folder), "batches_per_epoch": 6, "env": {}, "main_args": list(main_args)}}
+
+
+@pytest.fixture
+def main_py_is_the_command(monkeypatch):
+    """A trial's main_args become the whole command: main.py stands for a program of the test's choosing."""
+    monkeypatch.setattr(experiment, "main_command", lambda args: list(args))
 
 
 def write_run_dir(folder, records, finished, checkpoint=True):
@@ -150,7 +180,7 @@ def reports(monkeypatch):
 
 def test_a_finished_trial_replays_its_metrics_and_starts_nothing(tmp_path, reports):
     write_run_dir(tmp_path, RECORDS, finished=True)
-    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    tune.run_trial(fake_trial(tmp_path))
     assert [r["best_score"] for r in reports] == [25.0, 60.0, 60.0]
     assert [r["epochs"] for r in reports] == [1 / 6, 1.0, 7 / 6]
     assert not (tmp_path / "run.log").exists()
@@ -159,18 +189,18 @@ def test_a_finished_trial_replays_its_metrics_and_starts_nothing(tmp_path, repor
 def test_an_interrupted_trial_replays_then_resumes(tmp_path, reports):
     run_dir = write_run_dir(tmp_path, RECORDS[:2], finished=False)
     with pytest.raises(RuntimeError, match="main.py exited with status"):  # the fake checkpoint cannot load
-        tune.run_trial(fake_trial(tmp_path, ["false"]))
+        tune.run_trial(fake_trial(tmp_path))
     assert len(reports) == 2
     assert f"--resume {run_dir}" in (tmp_path / "run.log").read_text()
 
 
-def test_a_trial_whose_main_py_fails_is_an_error_not_a_scheduler_stop(tmp_path, reports):
+def test_a_trial_whose_main_py_fails_is_an_error_not_a_scheduler_stop(tmp_path, reports, main_py_is_the_command):
     with pytest.raises(RuntimeError, match="status 1"):
         tune.run_trial(fake_trial(tmp_path, ["false"]))
     assert not (tmp_path / tune.STOPPED_MARKER).exists()
 
 
-def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, reports):
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, reports, main_py_is_the_command):
     run_dir = write_run_dir(tmp_path, [], finished=False, checkpoint=False)
     tune.run_trial(fake_trial(tmp_path, ["echo", "started afresh"]))
     assert not run_dir.exists()
@@ -181,7 +211,7 @@ def test_a_trial_the_scheduler_stopped_replays_even_without_its_checkpoint(tmp_p
     """A fresh clone has the run files but no checkpoints: the scheduler's decision stands, nothing trains."""
     run_dir = write_run_dir(tmp_path, RECORDS[:2], finished=False, checkpoint=False)
     (tmp_path / tune.STOPPED_MARKER).write_text("{}")
-    tune.run_trial(fake_trial(tmp_path, ["false"]))
+    tune.run_trial(fake_trial(tmp_path))
     assert len(reports) == 2 and run_dir.exists()
     assert not (tmp_path / "run.log").exists()
     assert tune.trial_status(tmp_path)[0] == "stopped early"
@@ -248,7 +278,8 @@ def test_a_widened_cell_adds_its_trials_once_the_grid_has_ended_and_runs_them_at
     assert [tune.trial_name(h, 1) for h in added] == ["lr1e-4-l1-h8-n1-seed1", "lr3e-3-l1-h8-n1-b32-seed1",
                                                       "lr3e-3-l1-h256-n8-seed1"]
     batch32 = cell.trial(added[1], 1)
-    assert batch32["batches_per_epoch"] == 20 and batch32["command"][8] == "32"
+    batch_flag = batch32["main_args"].index("--batch_size")
+    assert batch32["batches_per_epoch"] == 20 and batch32["main_args"][batch_flag + 1] == "32"
     assert cell.trial(added[0], 1)["batches_per_epoch"] == 10
     summary = cell.summary()
     assert summary["space"]["around_best"]["anchor"] == "lr3e-3-l1-h8-n1-seed1"
@@ -379,7 +410,7 @@ def table_of_edited_copy(tiny_search, tmp_path, edit_cell):
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
         assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(search),
-                             "--out_dir", str(tmp_path)]) == 0
+                             "--out_dir", str(tmp_path), "--searched_csv", str(tmp_path / "searched.csv")]) == 0
     return (tmp_path / "table.md").read_text()
 
 
@@ -540,8 +571,8 @@ def kill_once_checkpointed(trial_folder, killed, timeout=120.0):
     """SIGKILLs the trial's main.py once it has written its first latest_model.pt; appends the run dir to `killed`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pid = sweep.running_main_py(trial_folder / tune.PID_FILE)
-        checkpointed = [d for d in sweep.run_dirs(trial_folder) if (d / "latest_model.pt").is_file()]
+        pid = experiment.running_main_py(trial_folder / tune.PID_FILE)
+        checkpointed = [d for d in experiment.run_dirs(trial_folder) if (d / "latest_model.pt").is_file()]
         if pid is not None and checkpointed:
             os.kill(pid, signal.SIGKILL)
             killed.append(checkpointed[0])
@@ -571,7 +602,7 @@ def test_a_trial_killed_while_checkpointing_resumes_on_a_relaunch_that_reruns_no
     [run_dir] = killed
     checkpoint = (run_dir / "latest_model.pt").read_bytes()
     (run_dir / "latest_model.pt.tmp").write_bytes(checkpoint[:len(checkpoint) // 2])
-    [finished_run] = sweep.run_dirs(finished)
+    [finished_run] = experiment.run_dirs(finished)
     stamp, log = (finished_run / "final.json").stat().st_mtime_ns, (finished / tune.RUN_LOG).read_text()
 
     out = io.StringIO()
@@ -579,7 +610,7 @@ def test_a_trial_killed_while_checkpointing_resumes_on_a_relaunch_that_reruns_no
         assert tune.main(argv) == 0, out.getvalue()
     assert (finished_run / "final.json").stat().st_mtime_ns == stamp
     assert (finished / tune.RUN_LOG).read_text() == log  # replayed: no main.py started
-    assert sweep.run_dirs(victim) == [run_dir] and (run_dir / "final.json").is_file()
+    assert experiment.run_dirs(victim) == [run_dir] and (run_dir / "final.json").is_file()
     launches = [line for line in (victim / tune.RUN_LOG).read_text().splitlines() if line.startswith("==== ")]
     assert len(launches) == 2 and launches[1].endswith(f"--resume {run_dir}")
     assert "Resumed after epoch" in (victim / tune.RUN_LOG).read_text()
