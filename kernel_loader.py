@@ -373,9 +373,10 @@ def self_check(ext, reference, num_differentiable, inputs, num_sequences):
     return None
 
 
-def kernel_trusted(ext, name, reference, num_differentiable, inputs, num_sequences):
-    """Whether the fused kernel may run these inputs: it has passed its self-check for this operator, device,
-    dtype and instruction set in this process. The first failure warns once and is recorded for operator_paths."""
+def self_check_failure(ext, name, reference, num_differentiable, inputs, num_sequences):
+    """None when the fused kernel may run these inputs (it has passed its self-check for this operator, device,
+    dtype and instruction set in this process), else what went wrong. The first failure warns once; the caller
+    records it for operator_paths."""
     device_type = inputs[0].device.type
     isa = ext.isa() if hasattr(ext, "isa") else device_type
     key = (name, device_type, inputs[0].dtype, isa)
@@ -385,7 +386,7 @@ def kernel_trusted(ext, name, reference, num_differentiable, inputs, num_sequenc
             warnings.warn(f"{name}: the fused {device_type.upper()} kernel ({isa}, {inputs[0].dtype}) failed its "
                           f"self-check against the PyTorch reference ({_self_checks[key]}); using the reference "
                           f"for the rest of this process", stacklevel=3)
-    return _self_checks[key] is None
+    return _self_checks[key]
 
 
 def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequences):
@@ -394,7 +395,7 @@ def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequence
     The first `num_differentiable` inputs get gradients; the rest (initial states) do not; the first
     `num_sequences` are shaped (B, H, L, ...). An extension may expose `supports(*inputs)`; when it says False (a
     dtype or head size the kernel does not handle), the reference runs. So it does when the kernel has failed its
-    self-check (kernel_trusted). The path taken is recorded under `name` (see operator_paths).
+    self-check (self_check_failure). The path taken is recorded under `name` (see operator_paths).
     """
     device_type = inputs[0].device.type
     ext = extension_for(folder, name, inputs[0])
@@ -408,10 +409,10 @@ def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequence
         record_path(name, f"PyTorch reference ({detail})")
         _warn_unsupported(f"{folder}.{name}: the {detail}")
         return reference(*inputs)
-    if not kernel_trusted(ext, name, reference, num_differentiable, inputs, num_sequences):
-        key = (name, device_type, inputs[0].dtype, ext.isa() if hasattr(ext, "isa") else device_type)
+    failure = self_check_failure(ext, name, reference, num_differentiable, inputs, num_sequences)
+    if failure is not None:
         record_path(name, f"PyTorch reference (the fused {device_type.upper()} kernel failed its self-check: "
-                          f"{_self_checks[key]})")
+                          f"{failure})")
         return reference(*inputs)
     record_path(name, f"fused {device_type.upper()} kernel")
     return _FusedOp.apply(ext, num_differentiable, *(t.contiguous() for t in inputs))
