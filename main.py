@@ -58,7 +58,7 @@ EVAL_BATCH_SIZE = 64
 LATEST_KEYS = ("model", "optimizer", "grads", "progress", "rng")
 BEST_KEYS = ("model", "best")
 # Flags that --resume accepts besides the run directory; every other flag comes from the run's args.json.
-RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "device")
+RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "patience", "device")
 EXIT_USAGE, EXIT_DIVERGED = 2, 1
 
 
@@ -141,6 +141,8 @@ def build_parser():
     add("--learning_rate", type=float, default=1e-4, help="Adam learning rate (constant)")
     add("--grad_cummulate", type=int, default=1, help="batches whose gradients are summed per optimiser step")
     add("--num_epoch", type=int, default=200, help="maximum number of training epochs")
+    add("--patience", type=int, default=0,
+        help="also stop once this many epochs have passed without a new best score (0: never, as the original)")
     add("--report_every", type=int, default=50,
         help="evaluate every this many training batches (<= 0: only at epoch ends)")
     add("--clip", type=float, default=0.0, help="global gradient-norm clipping threshold (0: off)")
@@ -181,8 +183,10 @@ def parse_flags(argv):
         raise UsageError(f"{args_path} not found: --resume needs a run directory written by main.py")
     with open(args_path) as f:
         saved = json.load(f)
-    saved.update(explicit)
-    return argparse.Namespace(**saved)
+    # A flag added since the run started (e.g. --patience) is missing from its args.json: it takes its default,
+    # which keeps the run as it was.
+    defaults = vars(build_parser().parse_args([]))
+    return argparse.Namespace(**{**defaults, **saved, **explicit})
 
 
 # The range of every numeric flag; `--report_every` takes any integer (<= 0: only at epoch ends).
@@ -199,6 +203,7 @@ FLAG_RANGES = {
     "learning_rate": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
     "grad_cummulate": (lambda v: v >= 1, "at least 1"),
     "num_epoch": (lambda v: v >= 1, "at least 1"),
+    "patience": (lambda v: v >= 0, "at least 0"),
     "clip": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)"),
     "seed": (lambda v: -2 ** 63 <= v < 2 ** 64, "a 64-bit integer"),
 }
@@ -306,10 +311,22 @@ def stop_acc_reached(progress, args):
     return progress.last_score is not None and progress.last_score >= args.stop_acc
 
 
-def training_done(progress, args):
-    """Training ends between epochs, at stop_acc or after num_epoch epochs. An epoch left early at stop_acc still
-    ends with its end-of-epoch evaluation, as in the original (also when a resume lands between the two)."""
-    return progress.order is None and (stop_acc_reached(progress, args) or progress.epoch >= args.num_epoch)
+def patience_run_out(progress, args):
+    """Whether --patience epochs have ended since the epoch of the best evaluation (the run's start if none)."""
+    return args.patience > 0 and progress.epoch - progress.best.epoch >= args.patience
+
+
+def stop_reason(progress, args):
+    """Why training ends here, between epochs: stop_acc, patience or num_epoch; None while it goes on. An epoch left
+    early at stop_acc still ends with its end-of-epoch evaluation, as in the original (also when a resume lands
+    between the two)."""
+    if progress.order is not None:
+        return None
+    if stop_acc_reached(progress, args):
+        return "stop_acc"
+    if patience_run_out(progress, args):
+        return "patience"
+    return "num_epoch" if progress.epoch >= args.num_epoch else None
 
 
 def make_optimizer(model, args):
@@ -445,16 +462,16 @@ class Run:
     # -- training ---------------------------------------------------------------------------------------------
 
     def train(self):
-        """Train until stop_acc or num_epoch and return which of the two ended it; raises NonFiniteLoss when the
-        loss diverges."""
+        """Train until stop_acc, patience or num_epoch and return which one ended it; raises NonFiniteLoss when
+        the loss diverges."""
         args, progress, train = self.args, self.progress, self.data.splits["train"]
         if self.signals.received is not None:  # arrived while setting up, before anything was trained
             raise StopSignal(self.signals.received)
         self.model.train()
         with logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)]):  # log lines above the bar
-            while not training_done(progress, args):
+            while stop_reason(progress, args) is None:
                 self.train_epoch(train)
-        return "stop_acc" if stop_acc_reached(progress, args) else "num_epoch"
+        return stop_reason(progress, args)
 
     def train_epoch(self, train):
         """The rest of the current epoch (all of it unless resumed mid-epoch), then its end-of-epoch evaluation.
@@ -544,7 +561,7 @@ class Run:
 
     def finish(self, stopped):
         """Report the best checkpoint (its test accuracy and per-length counts on every evaluation split) and write
-        final.json; `stopped` says why training ended: stop_acc, num_epoch or non_finite_loss."""
+        final.json; `stopped` says why training ended: stop_acc, patience, num_epoch or non_finite_loss."""
         progress, best, log = self.progress, self.progress.best, self.log
         epochs_begun = progress.epoch + (progress.batch > 0)
         log(f"Ran {epochs_begun} epochs ({progress.step} steps) in {progress.elapsed_s / 60:.2f} min.")
@@ -620,9 +637,9 @@ def start_run(args, run_dir, dataset, device, resuming):
     finished = resuming and os.path.exists(os.path.join(run_dir, "final.json"))
     try:
         run = Run(args, run_dir, dataset, device, resuming)
-        if finished and training_done(run.progress, args):
-            raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch (or --stop_acc) to "
-                             f"train it further")
+        if finished and stop_reason(run.progress, args) is not None:
+            raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch (or --stop_acc, "
+                             f"--patience) to train it further")
         if args.use_wandb:
             run.start_wandb()
     except UsageError:

@@ -163,6 +163,63 @@ def test_stops_at_stop_acc(tmp_path, tiny_data):
     assert "epoch 1 / step 0 =============" in log and "End epoch 1 =============" in log
 
 
+# A learning rate too small to change any prediction: every evaluation scores the same, so the best stays the
+# first evaluation that scored above 0 (or none), and --patience ends the run a known number of epochs later.
+FROZEN = TINY + ["--learning_rate", "1e-12", "--stop_acc", "101"]
+
+
+def epoch_of_best(metrics):
+    """main.py's best evaluation's epoch: the first with the highest score, if that is above 0; else 0."""
+    scores = [(m["valid_acc"] + m["valid2_acc"]) / 2 for m in metrics]
+    return metrics[scores.index(max(scores))]["epoch"] if max(scores) > 0 else 0
+
+
+def test_patience_stops_the_run_and_changes_nothing_before(tmp_path, tiny_data):
+    code, plain = run_main(tmp_path, tiny_data, *FROZEN, "--num_epoch", "6", work_dir="plain")
+    assert code == 0
+    code, run_dir = run_main(tmp_path, tiny_data, *FROZEN, "--num_epoch", "6", "--patience", "2")
+    assert code == 0
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["stopped"] == "patience"
+    stop_epoch = epoch_of_best(read_metrics(plain)) + 2
+    assert stop_epoch < 6 and read_metrics(run_dir)[-1]["epoch"] == stop_epoch
+    # Until it stops, the run is the run without the rule.
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(plain))[:len(read_metrics(run_dir))]
+    plain_final = json.loads((plain / "final.json").read_text())
+    assert {k: v for k, v in final.items() if k != "stopped"} == {k: v for k, v in plain_final.items()
+                                                                  if k != "stopped"}
+
+
+def as_before_patience(run_dir):
+    """Makes run_dir's args.json one written before main.py had --patience."""
+    args_path = run_dir / "args.json"
+    old_args = json.loads(args_path.read_text())
+    del old_args["patience"]
+    args_path.write_text(json.dumps(old_args))
+
+
+def test_patience_on_a_resume_extends_a_finished_run_as_if_it_had_it_from_the_start(tmp_path, tiny_data):
+    """The paper-budget runs extend finished ones: a run's args.json from before --patience existed resumes with
+    the rule added, and ends as a run that had it from its first epoch."""
+    code, straight = run_main(tmp_path, tiny_data, *RESUMABLE, "--num_epoch", "8", "--patience", "2",
+                              work_dir="straight")
+    assert code == 0 and json.loads((straight / "final.json").read_text())["stopped"] == "patience"
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE, "--num_epoch", "1")
+    assert code == 0
+    as_before_patience(run_dir)
+    assert main.main(["--resume", str(run_dir), "--num_epoch", "8", "--patience", "2"]) == 0
+    assert_same_run(run_dir, straight)
+
+
+def test_resume_of_a_run_from_before_patience_keeps_training_without_it(tmp_path, tiny_data, uninterrupted):
+    code, run_dir = run_main(tmp_path, tiny_data, *RESUMABLE, "--num_epoch", "1")
+    assert code == 0
+    as_before_patience(run_dir)
+    assert main.main(["--resume", str(run_dir), "--num_epoch", "3"]) == 0
+    assert_same_run(run_dir, uninterrupted)
+    assert json.loads((run_dir / "args.json").read_text())["patience"] == 0
+
+
 def original_evaluation_points(num_batches, report_every, num_epoch):
     """(epoch, 0-based batch index, end of epoch) of every evaluation of the original loop (training.md)."""
     points = []
