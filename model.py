@@ -1,5 +1,6 @@
-"""The seven sequence models of the paper, selected by `--model_type`, and three DeltaNet variants beyond it
-(20-22: negative eigenvalues after Grazzi et al., ICLR 2025, and the two halves of that change).
+"""The seven sequence models of the paper, selected by `--model_type`, and models beyond it: three DeltaNet variants
+(20-22: negative eigenvalues after Grazzi et al., ICLR 2025, and the two halves of that change) and DeltaProduct
+(23-26, Siems et al., 2025).
 
 Every model maps a (B, L) LongTensor of token ids to (B, L, out_vocab) logits and is causal: the logits at
 position t depend on tokens 0..t only. The layers work batch-first, (B, L, hidden); the fast-weight operators
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_transformers import fast_weight_sum
-from fast_weight import delta_net_fn
+from fast_weight import delta_net_fn, delta_product_fn
 from rec_update_fwm_tanh import rec_delta_fn
 from self_ref_v0 import self_ref_v0
 
@@ -266,6 +267,46 @@ class WideBetaDeltaNetBlock(DeltaNetVariantBlock):
     l2_keys = False
 
 
+class DeltaProductBlock(ProjectedFastWeightBlock):
+    """DeltaProduct (Siems et al., 2025; models 23-26, beyond the paper): each token writes `steps` (n_h) key/value
+    pairs with the delta rule, W <- (I - beta_j k_j k_j^T) W + beta_j k_j v_j^T for j = 1..n_h, and its query reads
+    W after the last. One projection gives per head q, the n_h keys, the n_h values and the n_h betas; q and the
+    keys are L2-normalised and beta = beta_scale * sigmoid(.), so with beta_scale 2 each step's eigenvalue
+    1 - beta_j along k_j lies in (-1, 1), as in model 20 (which is n_h = 1). A product of n_h such reflections
+    can permute up to n_h + 1 directions of the state, the point for the group word problems."""
+
+    steps = 2
+    beta_scale = 2.0
+
+    def head_slices(self, head_dim):
+        return (head_dim, self.steps * head_dim, self.steps * head_dim, self.steps)
+
+    def fast_weight(self, q, k, v, beta):
+        by_step = [x.unflatten(-1, (self.steps, -1)) for x in (k, v)]  # (B, H, L, n_h, d)
+        keys, values = F.normalize(by_step[0], dim=-1), by_step[1]
+        return delta_product_fn(F.normalize(q, dim=-1), keys, values, self.beta_scale * torch.sigmoid(beta),
+                                self.zero_fast_weights(q))
+
+
+class DeltaProduct2Block(DeltaProductBlock):
+    """Model 23: n_h = 2, beta in (0, 2)."""
+
+
+class DeltaProduct3Block(DeltaProductBlock):
+    """Model 24: n_h = 3, beta in (0, 2)."""
+    steps = 3
+
+
+class DeltaProduct4Block(DeltaProductBlock):
+    """Model 25: n_h = 4, beta in (0, 2)."""
+    steps = 4
+
+
+class PositiveDeltaProduct2Block(DeltaProductBlock):
+    """Model 26 (ablation): n_h = 2 with beta in (0, 1): eigenvalues in (0, 1), no reflection."""
+    beta_scale = 1.0
+
+
 class RecurrentDeltaBlock(ProjectedFastWeightBlock):
     """Recurrent Delta: raw q, k, v, beta go to the operator, which adds the recurrent terms R_* tanh(out_{t-1})
     and applies softmax/sigmoid itself."""
@@ -397,6 +438,15 @@ MODELS = {spec.id: spec for spec in (
     ModelSpec(21, "DeltaNet L2", "deltanet-l2", FastWeightBuilder(L2DeltaNetBlock), operator="delta_net_fn",
               in_paper=False),
     ModelSpec(22, "DeltaNet beta(0,2)", "deltanet-beta2", FastWeightBuilder(WideBetaDeltaNetBlock),
+              operator="delta_net_fn", in_paper=False),
+    # Siems et al. (2025)'s DeltaProduct: n_h delta steps per token, computed by the delta operator.
+    ModelSpec(23, "DeltaProduct n2 [-1,1]", "deltaproduct2", FastWeightBuilder(DeltaProduct2Block),
+              operator="delta_net_fn", in_paper=False),
+    ModelSpec(24, "DeltaProduct n3 [-1,1]", "deltaproduct3", FastWeightBuilder(DeltaProduct3Block),
+              operator="delta_net_fn", in_paper=False),
+    ModelSpec(25, "DeltaProduct n4 [-1,1]", "deltaproduct4", FastWeightBuilder(DeltaProduct4Block),
+              operator="delta_net_fn", in_paper=False),
+    ModelSpec(26, "DeltaProduct n2 [0,1]", "deltaproduct2-pos", FastWeightBuilder(PositiveDeltaProduct2Block),
               operator="delta_net_fn", in_paper=False),
 )}
 

@@ -1,7 +1,10 @@
-"""The delta update rule (`delta_net_fn`, DeltaNet), fused CPU/CUDA kernels with a reference fallback."""
+"""The delta update rule (`delta_net_fn`, DeltaNet), fused CPU/CUDA kernels with a reference fallback; DeltaProduct
+(`delta_product_fn`) computed with it."""
+import torch.nn.functional as F
+
 from kernel_loader import run_fused
 
-from .reference import delta_net_reference
+from .reference import delta_net_reference, delta_product_reference
 
 
 def delta_net_fn(q, k, v, beta, W0):
@@ -13,4 +16,18 @@ def delta_net_fn(q, k, v, beta, W0):
                      num_sequences=4)
 
 
-__all__ = ["delta_net_fn", "delta_net_reference"]
+def delta_product_fn(q, k, v, beta, W0):
+    """n delta-rule steps per token, read after the last (delta_product_reference is its specification).
+    q: (B, H, L, E); k: (B, H, L, n, E); v: (B, H, L, n, M); beta: (B, H, L, n); W0: (B, H, E, M) -> (B, H, L, M).
+
+    The steps of all tokens form one delta-rule sequence of length n * L, step j of token t at n * t + j, so
+    delta_net_fn (and its kernels) computes it. The queries of the first n - 1 steps of a token are zero: those
+    outputs are never read.
+    """
+    batch, heads, length, steps, _ = k.shape
+    queries = F.pad(q[:, :, :, None, :], (0, 0, steps - 1, 0))  # (B, H, L, n, E): q at each token's last step
+    out = delta_net_fn(*(x.reshape(batch, heads, length * steps, -1) for x in (queries, k, v, beta[..., None])), W0)
+    return out.view(batch, heads, length, steps, -1)[:, :, :, -1]
+
+
+__all__ = ["delta_net_fn", "delta_net_reference", "delta_product_fn", "delta_product_reference"]

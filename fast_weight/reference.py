@@ -15,3 +15,23 @@ def delta_net_reference(q, k, v, beta, W0):
         W = W + k_t[..., None] * (beta[:, :, t] * (v[:, :, t] - v_old))[:, :, None, :]
         outs.append(torch.einsum("bhe,bhem->bhm", q[:, :, t], W))
     return torch.stack(outs, dim=2)
+
+
+def delta_product_reference(q, k, v, beta, W0):
+    """DeltaProduct (Siems et al., 2025): n delta-rule steps per token. q: (B, H, L, E); k: (B, H, L, n, E);
+    v: (B, H, L, n, M); beta: (B, H, L, n); W0: (B, H, E, M). Returns (B, H, L, M).
+
+    Per token t, for j = 1..n:  W <- (I - beta_tj k_tj k_tj^T) W + beta_tj k_tj v_tj^T  (a generalised Householder
+    transform of the state plus a write); then out_t = q_t @ W. Written with the E x E transition matrices, not
+    through delta_net_reference, so that it checks the interleaved delta-rule sequence that computes it.
+    """
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    W = W0
+    outs = []
+    for t in range(q.shape[2]):
+        for j in range(k.shape[3]):
+            k_tj, b_tj = k[:, :, t, j], beta[:, :, t, j, None, None]
+            transition = eye - b_tj * k_tj[..., :, None] * k_tj[..., None, :]
+            W = transition @ W + b_tj * k_tj[..., :, None] * v[:, :, t, j, None, :]
+        outs.append(torch.einsum("bhe,bhem->bhm", q[:, :, t], W))
+    return torch.stack(outs, dim=2)

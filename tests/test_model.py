@@ -1,4 +1,4 @@
-"""The seven models and DeltaNet variants 20-22: shapes, gradients, causality, parameter counts, initialisations
+"""The seven models and the models beyond the paper (20-26): shapes, gradients, causality, parameter counts, initialisations
 and config checks."""
 import argparse
 import math
@@ -102,6 +102,9 @@ def expected_params(model_type, hidden_size, n_head, num_layer, ff_factor, emb_s
         20: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj,   # 20-22: DeltaNet's parameters
         7: layer_norm(D) + linear(D, H * (3 * d + 1), bias=False) + out_proj + 3 * H * d * d + H * d,
         12: 3 * H * d * d + H * d * 4 + layer_norm(D) + out_proj,
+        # 23-26, DeltaProduct: q, then n_h keys, values and betas per head
+        **{m: layer_norm(D) + linear(D, H * (d + n * (2 * d + 1)), bias=False) + out_proj
+           for m, n in ((23, 2), (24, 3), (25, 4), (26, 2))},
     }[model_type if model_type not in (21, 22) else 20]
     return embedding + num_layer * (block + feed_forward) + output
 
