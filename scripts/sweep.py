@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import experiment  # first: it puts the repository root on sys.path
-from data import TASKS, write_task
+from data import ALL_TASKS, write_task
 from experiment import PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError
 from model import MODEL_NAMES, MODEL_SLUGS
 
@@ -90,7 +90,7 @@ def prepare_data(tasks, data_root, bins):
     """Generate each missing task dataset once, before the runs start, so parallel runs never race to write it."""
     for task in tasks:
         task_dir = Path(data_root) / task
-        if task not in TASKS:
+        if task not in ALL_TASKS:
             continue  # a user's own dataset: nothing to generate, main.py reports it if it is missing
         if (task_dir / "train_50.src").is_file():
             if bins > 1 and not (task_dir / f"bin{bins}_50.src").is_file():

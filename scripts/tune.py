@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
-from data import TASKS
+from data import ALL_TASKS, TASKS
 from experiment import (PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError, HParams, best_evaluation, evaluation_score,
                         has_checkpoint, is_finished, latest_run_dir, main_args, main_running, read_metrics, resume_args,
                         ship_to_workers)
@@ -483,8 +483,8 @@ def width_and_heads(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                        help="tasks to search (default: all eight)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=ALL_TASKS, metavar="TASK",
+                        help=f"tasks to search: {', '.join(ALL_TASKS)} (default: the paper's eight)")
     parser.add_argument("--models", nargs="+", type=int, default=list(PAPER_MODELS), choices=sorted(MODEL_NAMES),
                         metavar="ID", help="model type IDs (default: the paper's seven)")
     parser.add_argument("--work_dir", default=str(REPO_ROOT / "results" / "search"), help="root of the cells")

@@ -175,13 +175,14 @@ def test_missing_ray_gives_install_hint(sweep_env):
     assert "pip install -r requirements-sweep.txt" in sweep.RAY_MISSING
 
 
-def test_prepare_data_generates_missing_datasets_once(tmp_path):
-    sweep.prepare_data(["aa-star"], tmp_path, bins=3)
-    files = sorted(p.name for p in (tmp_path / "aa-star").iterdir())
+@pytest.mark.parametrize("task", ["aa-star", "s3"])  # a paper task and a group task
+def test_prepare_data_generates_missing_datasets_once(tmp_path, task):
+    sweep.prepare_data([task], tmp_path, bins=3)
+    files = sorted(p.name for p in (tmp_path / task).iterdir())
     assert "bin3_50.src" in files and "train_50.tgt" in files
-    stamp = (tmp_path / "aa-star" / "train_50.src").stat().st_mtime_ns
-    sweep.prepare_data(["aa-star"], tmp_path, bins=3)
-    assert (tmp_path / "aa-star" / "train_50.src").stat().st_mtime_ns == stamp
+    stamp = (tmp_path / task / "train_50.src").stat().st_mtime_ns
+    sweep.prepare_data([task], tmp_path, bins=3)
+    assert (tmp_path / task / "train_50.src").stat().st_mtime_ns == stamp
 
 
 def fake_python(tmp_path):

@@ -292,6 +292,21 @@ def test_a_widened_cell_adds_its_trials_once_the_grid_has_ended_and_runs_them_at
     assert [tune.trial_name(h, 1) for h in cell.space] == grid_names
 
 
+def test_the_group_tasks_and_deltaproduct_can_be_searched_on_the_issue_s_smaller_space(tmp_path, capsys):
+    """The group-task search: lr {3e-4, 1e-3} x layers {1, 2} x hidden 128 with 8 heads."""
+    argv = ["--tasks", "s3", "a5", "s5", "--models", "23", "26", "--learning_rates", "3e-4", "1e-3", "--widths",
+            "128x8", "--work_dir", str(tmp_path / "search"), "--data_root", str(tmp_path / "data"), "--dry_run"]
+    assert tune.main(argv) == 0
+    out = capsys.readouterr().out
+    for task in ("s3", "a5", "s5"):
+        assert f"{task} DeltaProduct n2 [-1,1]" in out and f"{task} DeltaProduct n2 [0,1]" in out
+    trials = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("    ")]
+    assert len(trials) == 6 * 4 and set(trials) == {f"lr{lr}-l{n}-h128-n8-seed1" for lr in ("3e-4", "1e-3")
+                                                    for n in (1, 2)}
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--tasks", "s4"])
+
+
 @pytest.mark.parametrize("flags", [["--parallel", "0"], ["--parallel", "2", "--address", "auto"]])
 def test_parallel_must_be_positive_and_only_sizes_a_local_instance(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
