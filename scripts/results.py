@@ -11,6 +11,8 @@ instead, with how many of its seeds reach 99 % on Bin1, and OUT_DIR/search.md li
 --searched_csv (default scripts/hparams_searched.csv) gets the chosen configuration of every searched cell in the
 format of scripts/hparams.csv, with the search's epoch cap as num_epoch: `python scripts/sweep.py --csv
 scripts/hparams_searched.csv --work_dir DIR` trains them again.
+Runs below --paper_budget (default results/paper_budget, sweep.py's layout: the disputed cells trained up to 300
+epochs) get a section of table.md beside their 40-epoch search, and their curves OUT_DIR/paper_budget_curves.png.
 """
 import argparse
 import json
@@ -278,6 +280,108 @@ def render_table(chosen, table_dir, searched=None):
     return "\n".join(lines) + "\n"
 
 
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install -r requirements-sweep.txt)"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# The paper's budget (issue 34): the disputed cells' chosen configurations trained again up to 300 epochs by
+# scripts/sweep.py, one folder per (task, model, seed) below --paper_budget.
+CURVES_PLOT_FILE = "paper_budget_curves.png"
+
+
+def collect_paper_budget(root):
+    """{(task, model_type): [Run of each seed, by seed]}: per seed the latest run directory with an evaluation."""
+    by_seed = {}
+    for run in collect_runs(root) if Path(root).is_dir() else []:  # path order: a folder's runs oldest first
+        by_seed[(run.task, run.model_type, run.seed)] = run
+    cells = defaultdict(list)
+    for (task, model_type, _), run in sorted(by_seed.items()):
+        cells[(task, model_type)].append(run)
+    return dict(cells)
+
+
+def how_it_ended(run):
+    """`E epochs, <why>` from metrics.jsonl and final.json ('running' before the end)."""
+    records = experiment.read_metrics(run.path)
+    epochs = records[-1]["epoch"] if records else 0
+    final = experiment.read_final(run.path)
+    return f"{epochs} epochs, {final['stopped'] if final else 'running'}"
+
+
+def render_paper_budget(budget, searched, table_dir):
+    """The section of table.md for the paper's budget: per cell its 40-epoch search result beside the longer runs."""
+    lines = ["", "## The paper's budget: the disputed cells trained up to 300 epochs", "",
+             "| Task | Model | 40-epoch search | Up to 300 epochs: seed 1 | Its end | Seeds 2, 3 | Solved | "
+             "Run directory (seed 1) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for task, model_type in in_table_order(budget):
+        runs = budget[(task, model_type)]
+        first, others = runs[0], runs[1:]
+        search = searched.get((task, model_type))
+        search_text = cell((search.runs[0], 1), search) if search else "-"
+        others_text = "; ".join(cell((run, 1)) for run in others) or "-"
+        solved = f"{sum(run.bin1 >= SOLVED_BIN1 for run in runs)}/{len(runs)}"
+        lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {search_text} | {cell((first, 1))} | "
+                     f"{how_it_ended(first)} | {others_text} | {solved} | "
+                     f"{Path(os.path.relpath(first.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
+    lines += ["", f"- Each cell's chosen configuration (scripts/hparams_searched.csv) with `--num_epoch 300 --patience "
+              f"100`: the original's stop rule (mean of Bin0 and Bin1 at 100 %), or 300 epochs, or 100 epochs without "
+              f"a new best (docs/reproducing.md#the-papers-budget). Seeds 2 and 3 only where seed 1 reached "
+              f"{SOLVED_BIN1:g} % on Bin1; Solved: runs at {SOLVED_BIN1:g} % or more on Bin1. Curves: "
+              f"{CURVES_PLOT_FILE}."]
+    return lines
+
+
+def plot_paper_budget_curves(budget, path):
+    """One panel per cell: Bin0 and Bin1 accuracy at every epoch end, one line per seed (seed 1 bold); the reason
+    when there is no plot, else None."""
+    plt = pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
+    keys = in_table_order(budget)
+    cols = min(len(keys), 4)
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (task, model_type) in zip(axes.flat, keys):
+        for run in budget[(task, model_type)]:
+            records = [r for r in experiment.read_metrics(run.path) if r.get("end_of_epoch")]
+            epochs = [r["epoch"] for r in records]
+            width, alpha = (1.6, 1.0) if run.seed == SEARCH_SEED else (0.8, 0.6)
+            for key, color, split in (("valid_acc", "tab:blue", "Bin0"), ("valid2_acc", "tab:red", "Bin1")):
+                ax.plot(epochs, [r[key] for r in records], color=color, linewidth=width, alpha=alpha,
+                        label=f"{split}, seed {run.seed}")
+        label_accuracy_panel(ax, f"{task} / {MODEL_NAMES[model_type]}", "epoch", legend_size=6, title_size=9)
+    save_panels(plt, fig, axes, len(keys), path, dpi=110)
+    return None
+
+
+def label_accuracy_panel(ax, title, xlabel, legend_size, title_size=None):
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))  # fontsize=None: not the default
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_panels(plt, fig, axes, used, path, dpi):
+    """Hides the panels after the first `used`, writes the figure to `path` and closes it."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def accuracy_by_length(by_length, bucket):
     """[(bucket start, accuracy %)] over all evaluated splits, lengths grouped into `bucket`-wide intervals."""
     correct, total = defaultdict(int), defaultdict(int)
@@ -291,13 +395,9 @@ def accuracy_by_length(by_length, bucket):
 
 def plot_length_generalization(chosen, path, bucket):
     """One panel per task with a finished run; the reason when there is no plot, else None."""
-    try:
-        import matplotlib
-    except ImportError:
-        return "matplotlib is not installed (pip install -r requirements-sweep.txt)"
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
     tasks = [t for t in table_tasks(chosen) if any(t == task and run.by_length
                                                     for (task, _), (run, _) in chosen.items())]
     if not tasks:
@@ -318,17 +418,8 @@ def plot_length_generalization(chosen, path, bucket):
                     color=colors[model_type], label=MODEL_NAMES[model_type])
         if longest_bin0:
             ax.axvline(longest_bin0, color="gray", linestyle="--", linewidth=1, label="longest Bin0 string")
-        ax.set_title(task)
-        ax.set_xlabel(f"string length ({bucket}-wide buckets)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        label_accuracy_panel(ax, task, f"string length ({bucket}-wide buckets)", legend_size=7)
+    save_panels(plt, fig, axes, len(tasks), path, dpi=120)
     return None
 
 
@@ -363,6 +454,8 @@ def main(argv=None):
     parser.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="root of the run directories")
     parser.add_argument("--search", default=str(REPO_ROOT / "results" / "search"),
                         help="root of scripts/tune.py's cells (search.json)")
+    parser.add_argument("--paper_budget", default=str(REPO_ROOT / "results" / "paper_budget"),
+                        help="root of the paper-budget runs (scripts/sweep.py's layout), a section of table.md")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "results"), help="where table.md and the plot go")
     parser.add_argument("--bucket", type=int, default=10, help="width of the length buckets of the plot")
     parser.add_argument("--searched_csv", default=str(REPO_ROOT / "scripts" / "hparams_searched.csv"),
@@ -386,6 +479,9 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_text = render_table(chosen, out_dir, searched)
+    budget = collect_paper_budget(args.paper_budget)
+    if budget:
+        table_text += "\n".join(render_paper_budget(budget, searched, out_dir)) + "\n"
     (out_dir / TABLE_FILE).write_text(table_text)
     print(f"wrote {out_dir / TABLE_FILE} ({len(chosen)} cells, {len(searched)} searched)")
     if args.readme and update_readme_grid(Path(args.readme), table_text):
@@ -396,6 +492,10 @@ def main(argv=None):
     if summaries:
         write_searched_hparams(args.searched_csv, summaries)
         print(f"wrote {args.searched_csv} ({len(summaries)} searched cells)")
+    if budget:
+        no_plot_reason = plot_paper_budget_curves(budget, out_dir / CURVES_PLOT_FILE)
+        print(f"no curves: {no_plot_reason}" if no_plot_reason else
+              f"wrote {out_dir / CURVES_PLOT_FILE} ({len(budget)} cells at the paper's budget)")
     no_plot_reason = plot_length_generalization(chosen, out_dir / PLOT_FILE, args.bucket)
     print(f"no plot: {no_plot_reason}" if no_plot_reason else f"wrote {out_dir / PLOT_FILE}")
     return 0

@@ -10,12 +10,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_RUNS = REPO_ROOT / "tests" / "fixtures" / "run_dirs"
-# The repository's own results/search must not leak into the fixture tables.
-NO_SEARCH = ["--search", str(REPO_ROOT / "tests" / "fixtures" / "no_such_search")]
+# The repository's own results/search and results/paper_budget must not leak into the fixture tables.
+NO_REPO_RESULTS = ["--search", str(REPO_ROOT / "tests" / "fixtures" / "no_such_search"),
+                   "--paper_budget", str(REPO_ROOT / "tests" / "fixtures" / "no_such_paper_budget")]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import experiment  # noqa: E402
 import results  # noqa: E402
+from model import MODEL_SLUGS  # noqa: E402
 
 # What the fixtures hold:
 # - parity / LSTM, seed 1: finished, 100 / 100.
@@ -65,7 +67,7 @@ def results_dir(tmp_path):
 
 
 def test_table_from_fixture_runs(results_dir):
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_REPO_RESULTS]) == 0
     assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
 
 
@@ -74,14 +76,14 @@ def test_unreadable_run_is_skipped_with_a_warning(results_dir, capsys):
     broken.mkdir(parents=True)
     (broken / "args.json").write_text("{}")
     (broken / "final.json").write_text("{}")
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_REPO_RESULTS]) == 0
     assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
     assert capsys.readouterr().err.startswith(f"warning: skipping {broken}: unreadable run files (KeyError")
 
 
 def test_plot_is_written_for_tasks_with_per_length_results(results_dir):
     pytest.importorskip("matplotlib")
-    results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH])
+    results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_REPO_RESULTS])
     plot = results_dir / "length_generalization.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
@@ -101,7 +103,7 @@ def test_accuracy_by_length_pools_splits_into_buckets():
 
 def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
-    assert results.main(["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path), *NO_SEARCH]) == 0
+    assert results.main(["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path), *NO_REPO_RESULTS]) == 0
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0] for row in rows] == ["| LSTM", "| e-LSTM", "| Transformer", "| Linear Transformer",
                                                      "| DeltaNet", "| Recurrent Delta", "| SRWM"]
@@ -112,7 +114,7 @@ def test_no_runs_gives_an_empty_table_and_no_plot(tmp_path, capsys):
 
 
 def test_missing_runs_folder_is_one_line_error(tmp_path, capsys):
-    assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path), *NO_SEARCH]) == 2
+    assert results.main(["--runs", str(tmp_path / "nothing"), "--out_dir", str(tmp_path), *NO_REPO_RESULTS]) == 2
     assert capsys.readouterr().err == f"error: no run directory {tmp_path / 'nothing'}\n"
 
 
@@ -122,7 +124,7 @@ def test_an_extension_model_gets_a_row_only_when_it_has_runs(results_dir):
     shutil.copytree(source, target)
     args = json.loads((target / "args.json").read_text())
     (target / "args.json").write_text(json.dumps(dict(args, model_type=20)))
-    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_SEARCH]) == 0
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_REPO_RESULTS]) == 0
     table = (results_dir / "table.md").read_text().split("## Runs")[0]
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[-2:] == ["| SRWM", "| DeltaNet [-1,1]"]
@@ -162,3 +164,54 @@ def test_the_readme_grid_is_rewritten_from_the_table_and_the_committed_one_is_cu
     assert f"{results.README_GRID_START}\n{grid}\n{results.README_GRID_END}" in readme.read_text()
     (tmp_path / "other.md").write_text("no markers\n")
     assert not results.update_readme_grid(tmp_path / "other.md", table)
+
+
+def write_budget_run(root, task, model_type, seed, accuracies, stopped=None):
+    """A paper-budget run as sweep.py lays it out: one end-of-epoch record per (Bin0, Bin1) in `accuracies`;
+    final.json (the best record's accuracies) only when `stopped` says why it ended."""
+    slug = MODEL_SLUGS[model_type]
+    run_dir = root / task / f"{slug}-seed{seed}" / f"{slug}-{task}-20261201-120000-{seed:06d}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps({"data_dir": f"data/{task}", "model_type": model_type,
+                                                   "seed": seed}))
+    records = [{"epoch": epoch, "step": 10 * epoch, "end_of_epoch": True, "valid_acc": bin0, "valid2_acc": bin1}
+               for epoch, (bin0, bin1) in enumerate(accuracies, start=1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if stopped:
+        best = max(records, key=lambda r: r["valid_acc"] + r["valid2_acc"])
+        (run_dir / "final.json").write_text(json.dumps({"valid_acc": best["valid_acc"], "valid2_acc":
+                                                        best["valid2_acc"], "stopped": stopped, "by_length": {}}))
+    return run_dir
+
+
+def test_the_paper_budget_runs_get_their_section_and_curves(results_dir):
+    budget = results_dir / "paper_budget"
+    write_budget_run(budget, "counter-3", 12, 1, [(90.0, 40.0), (100.0, 99.5), (100.0, 99.0)], stopped="patience")
+    write_budget_run(budget, "counter-3", 12, 2, [(100.0, 100.0)], stopped="stop_acc")
+    write_budget_run(budget, "counter-3", 12, 3, [(99.0, 20.0), (100.0, 30.0)], stopped="num_epoch")
+    write_budget_run(budget, "reset_dyck", 2, 1, [(100.0, 80.0), (100.0, 88.96)])  # still running
+    assert results.main(["--runs", str(results_dir / "runs"), *NO_REPO_RESULTS, "--paper_budget", str(budget),
+                         "--out_dir", str(results_dir), "--searched_csv", str(results_dir / "searched.csv")]) == 0
+    table = (results_dir / "table.md").read_text()
+    assert table.startswith(EXPECTED_TABLE)  # the 40-epoch table as it was
+    section = table[len(EXPECTED_TABLE):].splitlines()
+    rows = [line for line in section if line.startswith("| counter-3") or line.startswith("| reset_dyck")]
+    assert rows == [
+        "| counter-3 | SRWM | - | 100.0 / 99.5 | 3 epochs, patience | 100.0 / 100.0; 100.0 / 30.0 | 2/3 | "
+        "paper_budget/counter-3/srwm-seed1/srwm-counter-3-20261201-120000-000001 |",
+        "| reset_dyck | DeltaNet | - | 100.0 / 88.9* | 2 epochs, running | - | 0/1 | "
+        "paper_budget/reset_dyck/deltanet-seed1/deltanet-reset_dyck-20261201-120000-000001 |"]
+    assert (results_dir / results.CURVES_PLOT_FILE).stat().st_size > 10_000
+    # Without paper-budget runs there is no section and no curves.
+    (results_dir / results.CURVES_PLOT_FILE).unlink()
+    assert results.main(["--runs", str(results_dir / "runs"), *NO_REPO_RESULTS,
+                         "--out_dir", str(results_dir), "--searched_csv", str(results_dir / "searched.csv")]) == 0
+    assert (results_dir / "table.md").read_text() == EXPECTED_TABLE
+    assert not (results_dir / results.CURVES_PLOT_FILE).exists()
+
+
+def test_waits_between_new_bests_count_only_higher_scores_above_zero():
+    import best_waits
+    scores = [(1, 0.0), (2, 10.0), (2, 20.0), (3, 20.0), (7, 30.0), (9, 25.0)]  # (epoch, mean of Bin0 and Bin1)
+    records = [{"epoch": epoch, "valid_acc": score, "valid2_acc": score} for epoch, score in scores]
+    assert best_waits.waits_between_new_bests(records) == [0, 5]

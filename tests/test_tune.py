@@ -104,6 +104,7 @@ def test_results_show_the_searched_cell(tiny_search, tmp_path):
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
         assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"),
+                             "--paper_budget", str(tmp_path / "no_paper_budget"),
                              "--out_dir", str(tmp_path), "--searched_csv", str(tmp_path / "searched.csv")]) == 0
     summary = json.loads((root / "search" / "parity" / "lstm" / tune.SUMMARY_FILE).read_text())
     runs = [results.latest_run(root / "search" / "parity" / "lstm" / name)
@@ -123,8 +124,9 @@ def test_the_chosen_configuration_of_a_search_trains_again_through_the_sweep(tin
     root, _, _, _, _ = tiny_search
     (tmp_path / "runs").mkdir()
     csv_path = tmp_path / "searched.csv"
-    assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"), "--out_dir",
-                         str(tmp_path), "--searched_csv", str(csv_path)]) == 0
+    assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(root / "search"),
+                         "--paper_budget", str(tmp_path / "no_paper_budget"),
+                         "--out_dir", str(tmp_path), "--searched_csv", str(csv_path)]) == 0
     summary = json.loads((root / "search" / "parity" / "lstm" / tune.SUMMARY_FILE).read_text())
     best = next(t for t in summary["trials"] if t["name"] == summary["best"])
     [(key, hparams)] = experiment.read_hparams(csv_path).items()
@@ -425,6 +427,7 @@ def table_of_edited_copy(tiny_search, tmp_path, edit_cell):
     (tmp_path / "runs").mkdir()
     with redirect_stdout(io.StringIO()):
         assert results.main(["--runs", str(tmp_path / "runs"), "--search", str(search),
+                             "--paper_budget", str(tmp_path / "no_paper_budget"),
                              "--out_dir", str(tmp_path), "--searched_csv", str(tmp_path / "searched.csv")]) == 0
     return (tmp_path / "table.md").read_text()
 
