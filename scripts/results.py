@@ -24,7 +24,7 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 import experiment  # first: it puts the repository root on sys.path
-from data import TASKS
+from data import GROUP_TASKS, TASKS
 from experiment import REPO_ROOT
 from model import EXTENSION_MODELS, MODEL_NAMES, PAPER_MODELS
 from tune import SEARCH_SEED, search_ended, trial_configuration, trials_done
@@ -216,9 +216,19 @@ def table_models(chosen):
 
 
 def table_tasks(chosen):
-    """The paper's eight tasks, then any other task that has runs."""
-    others = sorted({task for task, _ in chosen} - set(TASKS))
-    return list(TASKS) + others
+    """The paper's eight tasks, then any other task that has runs, then the group tasks that have runs."""
+    present = {task for task, _ in chosen}
+    others = sorted(present - set(TASKS) - set(GROUP_TASKS))
+    return list(TASKS) + others + [task for task in GROUP_TASKS if task in present]
+
+
+def grid(chosen, searched, tasks, models):
+    """A Markdown table: one row per model, one `Bin0 / Bin1` column per task."""
+    lines = ["| Model | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for model_type in models:
+        cells = [cell(chosen.get((task, model_type)), searched.get((task, model_type))) for task in tasks]
+        lines.append(f"| {MODEL_NAMES[model_type]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def in_table_order(cells):
@@ -246,12 +256,15 @@ def render_table(chosen, table_dir, searched=None):
     """table.md; `searched` ({(task, model_type): SearchCell}) marks the cells that come from a search."""
     searched = searched or {}
     tasks = table_tasks(chosen)
-    lines = ["# Accuracy (%) of the best checkpoint: Bin0 / Bin1", "",
-             "| Model | " + " | ".join(tasks) + " |",
-             "| --- |" + " --- |" * len(tasks)]
-    for model_type in table_models(chosen):
-        cells = [cell(chosen.get((task, model_type)), searched.get((task, model_type))) for task in tasks]
-        lines.append(f"| {MODEL_NAMES[model_type]} | " + " | ".join(cells) + " |")
+    languages = [task for task in tasks if task not in GROUP_TASKS]
+    groups = [task for task in tasks if task in GROUP_TASKS]
+    # The paper's rows always; a model beyond the paper where it has runs on those tasks.
+    language_rows = [m for m in table_models(chosen) if m in PAPER_MODELS or any((t, m) in chosen for t in languages)]
+    lines = ["# Accuracy (%) of the best checkpoint: Bin0 / Bin1", "", *grid(chosen, searched, languages,
+                                                                             language_rows)]
+    if groups:
+        group_rows = [m for m in table_models(chosen) if any((t, m) in chosen for t in groups)]
+        lines += ["", "## Beyond the paper: group word problems", "", *grid(chosen, searched, groups, group_rows)]
     lines += ["", "- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the "
               "training lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is "
               "the evaluation with the highest mean of Bin0 and Bin1."]
@@ -405,7 +418,8 @@ def plot_length_generalization(chosen, path, bucket):
     cols = min(len(tasks), 4)
     rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colors = dict(zip(table_models(chosen), plt.get_cmap("tab10").colors))
+    # tab10 for the first ten rows (the colours the committed plot has), Dark2 for the models after them.
+    colors = dict(zip(table_models(chosen), plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors))
     for ax, task in zip(axes.flat, tasks):
         longest_bin0 = 0
         for model_type in table_models(chosen):

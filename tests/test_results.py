@@ -166,9 +166,9 @@ def test_the_readme_grid_is_rewritten_from_the_table_and_the_committed_one_is_cu
     assert not results.update_readme_grid(tmp_path / "other.md", table)
 
 
-def write_budget_run(root, task, model_type, seed, accuracies, stopped=None):
-    """A paper-budget run as sweep.py lays it out: one end-of-epoch record per (Bin0, Bin1) in `accuracies`;
-    final.json (the best record's accuracies) only when `stopped` says why it ended."""
+def write_sweep_run(root, task, model_type, seed, accuracies, stopped=None):
+    """A run as sweep.py lays it out (the paper-budget runs, say): one end-of-epoch record per (Bin0, Bin1) in
+    `accuracies`; final.json (the best record's accuracies) only when `stopped` says why it ended."""
     slug = MODEL_SLUGS[model_type]
     run_dir = root / task / f"{slug}-seed{seed}" / f"{slug}-{task}-20261201-120000-{seed:06d}"
     run_dir.mkdir(parents=True)
@@ -186,10 +186,10 @@ def write_budget_run(root, task, model_type, seed, accuracies, stopped=None):
 
 def test_the_paper_budget_runs_get_their_section_and_curves(results_dir):
     budget = results_dir / "paper_budget"
-    write_budget_run(budget, "counter-3", 12, 1, [(90.0, 40.0), (100.0, 99.5), (100.0, 99.0)], stopped="patience")
-    write_budget_run(budget, "counter-3", 12, 2, [(100.0, 100.0)], stopped="stop_acc")
-    write_budget_run(budget, "counter-3", 12, 3, [(99.0, 20.0), (100.0, 30.0)], stopped="num_epoch")
-    write_budget_run(budget, "reset_dyck", 2, 1, [(100.0, 80.0), (100.0, 88.96)])  # still running
+    write_sweep_run(budget, "counter-3", 12, 1, [(90.0, 40.0), (100.0, 99.5), (100.0, 99.0)], stopped="patience")
+    write_sweep_run(budget, "counter-3", 12, 2, [(100.0, 100.0)], stopped="stop_acc")
+    write_sweep_run(budget, "counter-3", 12, 3, [(99.0, 20.0), (100.0, 30.0)], stopped="num_epoch")
+    write_sweep_run(budget, "reset_dyck", 2, 1, [(100.0, 80.0), (100.0, 88.96)])  # still running
     assert results.main(["--runs", str(results_dir / "runs"), *NO_REPO_RESULTS, "--paper_budget", str(budget),
                          "--out_dir", str(results_dir), "--searched_csv", str(results_dir / "searched.csv")]) == 0
     table = (results_dir / "table.md").read_text()
@@ -215,3 +215,25 @@ def test_waits_between_new_bests_count_only_higher_scores_above_zero():
     scores = [(1, 0.0), (2, 10.0), (2, 20.0), (3, 20.0), (7, 30.0), (9, 25.0)]  # (epoch, mean of Bin0 and Bin1)
     records = [{"epoch": epoch, "valid_acc": score, "valid2_acc": score} for epoch, score in scores]
     assert best_waits.waits_between_new_bests(records) == [0, 5]
+
+
+def test_group_tasks_get_a_grid_of_their_own_and_every_model_a_colour(results_dir):
+    """s3 runs of the LSTM and of the five models beyond the paper (12 models with a run in all, more than one
+    palette holds): a second grid with just those rows; the languages' grid and its rows as they were."""
+    per_length = {"valid": {"10": [9, 10]}, "test": {"60": [5, 10]}}
+    for model_type in (0, 20, 23, 24, 25, 26):
+        run_dir = write_sweep_run(results_dir / "runs", "s3", model_type, 1, [(100.0, 50.0)], stopped="num_epoch")
+        final = json.loads((run_dir / "final.json").read_text())
+        (run_dir / "final.json").write_text(json.dumps({**final, "by_length": per_length}))
+    assert results.main(["--runs", str(results_dir / "runs"), "--out_dir", str(results_dir), *NO_REPO_RESULTS]) == 0
+    table = (results_dir / "table.md").read_text()
+    grids = table.split("## Runs")[0]
+    languages, groups = grids.split("## Beyond the paper: group word problems")
+    assert languages.startswith(EXPECTED_TABLE.split("\n\n- Sequence")[0])  # same columns, same seven rows
+    assert "| s3 |" in groups and [line.split(" | ")[0] for line in groups.splitlines() if line.startswith("| ")
+                                   and "---" not in line][1:] == [
+        "| LSTM", "| DeltaNet [-1,1]", "| DeltaProduct n2 [-1,1]", "| DeltaProduct n3 [-1,1]",
+        "| DeltaProduct n4 [-1,1]", "| DeltaProduct n2 [0,1]"]
+    assert "| DeltaProduct n2 [-1,1] | 100.0 / 50.0 |" in groups
+    assert results.grid_lines(table) == [line for line in languages.splitlines() if line.startswith("|")]
+    assert (results_dir / results.PLOT_FILE).stat().st_size > 10_000
