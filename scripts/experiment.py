@@ -263,6 +263,21 @@ def read_metrics(run_dir):
     return records
 
 
+# Where a run's data and run directory are does not make it another run (a folder can move); --resume is how it
+# was last started, not what it is.
+FLAGS_NOT_COMPARED = ("data_dir", "work_dir", "resume")
+
+
+def differing_flags(run_dir, args):
+    """[(flag, the run's value, args' value)] for each flag that main.py `args` set otherwise than run_dir's
+    args.json holds; a flag the args.json predates is not compared (main.py gives it its default on a resume)."""
+    import main  # here, not at the top: Ray workers get this module by value and cannot import main.py
+    ours = vars(main.build_parser().parse_args(args))
+    theirs = json.loads((Path(run_dir) / "args.json").read_text())
+    return [(flag, theirs[flag], value) for flag, value in ours.items()
+            if flag not in FLAGS_NOT_COMPARED and flag in theirs and theirs[flag] != value]
+
+
 def read_final(run_dir):
     """final.json of a finished run (best checkpoint's accuracies, per-length counts, ...), None before the end."""
     path = Path(run_dir) / "final.json"

@@ -7,7 +7,7 @@
 Every configuration owns the folder `<work_dir>/<task>/<model-slug>-seed<seed>/`: main.py creates its run
 directory inside it, and the run's console output goes to `run.log` there. Re-launching is safe: a
 configuration whose run has final.json is skipped, one with latest_model.pt is resumed, the rest start
-afresh. With --address, the repository and --work_dir must be at the same paths on every node (a shared
+afresh; a folder whose run was started with other flags than the command now gives is an error, not a skip. With --address, the repository and --work_dir must be at the same paths on every node (a shared
 file system), since runs are launched from there and write there.
 """
 import argparse
@@ -268,6 +268,12 @@ def main(argv=None):
     for config in configs:
         folder = config.folder(work_dir)
         action, run_dir, stale = plan(folder)
+        differing = run_dir and experiment.differing_flags(run_dir, train_args(config, folder, data_root, extra))
+        if differing:  # skipping or resuming it would report, or continue, another configuration than asked
+            flags = ", ".join(f"--{flag} {theirs} (now {ours})" for flag, theirs, ours in differing)
+            print(f"error: {run_dir} was started with other flags: {flags}; give another --work_dir, or move it "
+                  f"away", file=sys.stderr)
+            return 2
         if action == "skip":
             done += 1
             print(f"[{done}/{total}] {config.label}: skipped, finished earlier ({final_accuracies(run_dir)})",

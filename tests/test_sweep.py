@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import experiment  # noqa: E402
+import main  # noqa: E402
 import sweep  # noqa: E402
 
 HEADER = "task,model_type,num_layer,hidden_size,n_head,ff_factor,batch_size,learning_rate,num_epoch\n"
@@ -151,6 +153,30 @@ def test_dry_run_plans_start_resume_and_skip(tmp_path, capsys):
         f"--work_dir {runs / 'srwm-seed1'} --num_epoch 3",
     ]
     assert stale.is_dir() and not (tmp_path / "data").exists()  # a dry run changes nothing
+
+
+@pytest.mark.parametrize("state", ["finished", "resumable"])
+def test_a_run_started_with_other_flags_is_neither_skipped_nor_resumed(tmp_path, capsys, state):
+    """The csv row (or --extra) changed since the folder's run started: one error line, nothing run."""
+    (tmp_path / "hparams.csv").write_text(TINY_CSV)
+    argv = ["--csv", str(tmp_path / "hparams.csv"), "--work_dir", str(tmp_path / "runs"), "--data_root",
+            str(tmp_path / "data"), "--models", "0", "--dry_run"]
+    assert sweep.main(argv) == 0
+    planned = shlex.split(capsys.readouterr().out.split(" main.py ", 1)[1])
+    run_dir = tmp_path / "runs" / "parity" / "lstm-seed1" / "lstm-parity-20240101-000000-aaaaaa"
+    run_dir.mkdir(parents=True)
+    args = vars(main.build_parser().parse_args(planned))
+    del args["patience"]  # an args.json from before a flag existed is compared on the flags it has
+    (run_dir / "args.json").write_text(json.dumps({**args, "data_dir": "/elsewhere/parity"}))
+    if state == "finished":
+        (run_dir / "final.json").write_text(json.dumps({"valid_acc": 100.0, "valid2_acc": 90.0}))
+    else:
+        (run_dir / "latest_model.pt").write_bytes(b"")
+    assert sweep.main(argv) == 0  # the same flags, the data moved: the same run
+    capsys.readouterr()
+    assert sweep.main(argv + ["--extra", "--num_epoch 3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num_epoch 1 (now 3)" in err and str(run_dir) in err, err
 
 
 @pytest.mark.parametrize("argv, message", [
