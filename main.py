@@ -47,9 +47,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 import data  # noqa: E402
 import kernel_loader  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
-from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, epoch_order, evaluate,  # noqa: E402
-                   first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything, selection_score,
-                   sequence_loss, setup_logging, write_text_atomic)
+from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, cpu_description, epoch_order,  # noqa: E402
+                   evaluate, first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything,
+                   selection_score, sequence_loss, setup_logging, write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
@@ -385,6 +385,9 @@ class Run:
         log, args = self.log, self.args
         log(f"[{now()}] {'Resuming' if resuming else 'Starting'} run {self.run_dir}")
         log(f"torch version: {torch.__version__}, device: {self.device}")
+        # The same flags and seed give the same run only on the same kind of CPU: say which one this is.
+        log(f"CPU: {cpu_description()}; ATen: {torch.backends.cpu.get_cpu_capability()}; "
+            f"threads: {torch.get_num_threads()}")
         log(f"Code: {self.code}")
         log(f"Command executed: {[sys.argv[0]] + list(argv)}")
         log(f"Args: {json.dumps(vars(args), indent=2)}")

@@ -3,6 +3,7 @@ import contextlib
 import logging
 import os
 import pickle
+import platform
 import random
 import re
 import shutil
@@ -229,3 +230,22 @@ def restore_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def cpu_description():
+    """'<model name> (<vector ISAs>)' from /proc/cpuinfo, or the platform's processor string elsewhere."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    isas = [name for name in ("avx512f", "avx2", "fma") if name in flags]
+    return f"{model} ({', '.join(isas) or 'no AVX'})"

@@ -29,6 +29,7 @@ from fast_weight import delta_net_fn, delta_net_reference
 from fast_weight.chunked import delta_net_chunked
 from rec_update_fwm_tanh import rec_delta_fn, rec_delta_reference
 from self_ref_v0 import self_ref_v0, self_ref_v0_reference
+from utils import cpu_description
 
 
 def sum_inputs(B, H, L, D, gen):
@@ -94,26 +95,6 @@ def median_seconds(fn, repeats, device, clock, warm_up=True):
 def matmul_gflops(device, clock, size=2048, repeats=5):
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
     return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, device, clock) / 1e9
-
-
-def cpu_description():
-    """'<model name> (<vector ISAs>)' from /proc/cpuinfo, or the platform's processor string elsewhere."""
-    import platform
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if model and flags:
-                    break
-    except OSError:
-        pass
-    isas = [name for name in ("avx512f", "avx2", "fma") if name in flags]
-    return f"{model} ({', '.join(isas) or 'no AVX'})"
 
 
 def kernel_isa(ops, device):

@@ -23,9 +23,8 @@ import experiment  # first: it puts the repository root on sys.path
 import data
 import kernel_loader
 import main as train_main
-from bench_ops import cpu_description
 from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS, build_model
-from utils import evaluate
+from utils import cpu_description, evaluate
 
 EVAL_BATCH_SIZE = train_main.EVAL_BATCH_SIZE  # what main.py evaluates with
 BASELINE = "lstm"  # the slug of the model every row is compared with

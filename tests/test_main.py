@@ -113,6 +113,8 @@ def test_run_writes_every_file(tmp_path, capsys):
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     assert final["code"].startswith(f"git {head.strip()}")
     assert final["operators"] == {}  # the LSTM uses no fast-weight operator
+    # A rerun reproduces the run only on the same kind of CPU: the log names it.
+    assert f"CPU: {main.cpu_description()}; ATen: " in (run_dir / "log.txt").read_text()
     scores = [(m["valid_acc"] + m["valid2_acc"]) / 2 for m in metrics]
     best = metrics[scores.index(max(scores))]
     assert (final["best_step"], final["best_epoch"]) == (best["step"], best["epoch"])
