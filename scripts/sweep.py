@@ -3,20 +3,25 @@
     python scripts/sweep.py --tasks parity reset_dyck                  # all seven models, seed 1
     python scripts/sweep.py --tasks parity --models 7 12 --seeds 1 2 --extra "--num_epoch 3"
     python scripts/sweep.py --address auto ...                         # an existing Ray cluster
+    python scripts/sweep.py --no_ray --parallel 8 ...                  # no Ray: 8 runs at a time, here
 
 Every configuration owns the folder `<work_dir>/<task>/<model-slug>-seed<seed>/`: main.py creates its run
 directory inside it, and the run's console output goes to `run.log` there. Re-launching is safe: a
 configuration whose run has final.json is skipped, one with latest_model.pt is resumed, the rest start
-afresh; a folder whose run was started with other flags than the command now gives is an error, not a skip. With --address, the repository and --work_dir must be at the same paths on every node (a shared
-file system), since runs are launched from there and write there.
+afresh; a folder whose run was started with other flags than the command now gives is an error, not a skip.
+With --address, the repository and --work_dir must be at the same paths on every node (a shared file system),
+since runs are launched from there and write there.
 """
 import argparse
+import concurrent.futures
 import contextlib
+import os
 import shlex
 import shutil
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,14 +186,16 @@ def raise_keyboard_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def stopping_cleanly(own_pid_files):
+def stopping_cleanly(own_pid_files, before_stopping=None):
     """Inside: SIGINT and SIGTERM stop the driver's own runs first (stop_runs on what `own_pid_files()` returns
     then), then the driver, by KeyboardInterrupt; a second signal stops the driver at once. Only its own: another
-    driver may be running other runs under the same work_dir. Install after ray.init, which sets handlers of its
-    own."""
+    driver may be running other runs under the same work_dir. `before_stopping()`, if given, is called first (so
+    that no new run starts meanwhile). Install after ray.init, which sets handlers of its own."""
     def handler(signum, frame):
         signal.signal(signal.SIGINT, raise_keyboard_interrupt)
         signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+        if before_stopping is not None:
+            before_stopping()
         print("Stopping: the running main.py processes save their latest checkpoint...", file=sys.stderr, flush=True)
         experiment.stop_runs(own_pid_files())
         raise KeyboardInterrupt
@@ -200,32 +207,63 @@ def stopping_cleanly(own_pid_files):
             signal.signal(signum, old)
 
 
-def launch(ray, jobs, cpus_per_run, total, done):
-    """Run `jobs` [(config, folder, main.py's flags)] as Ray tasks (Ray initialised); print one progress line as each
-    ends.
+class Progress:
+    """One line per configuration as it ends, `[done/total] label: status`, and the labels of those that failed."""
 
-    Returns the labels of the configurations that failed. Ctrl-C or SIGTERM lets the running main.py save first.
-    """
+    def __init__(self, total, done):
+        self.total, self.done, self.failed = total, done, []
+
+    def ended(self, config, status, is_failure):
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {config.label}: {status}", flush=True)
+        if is_failure:
+            self.failed.append(config.label)
+
+
+def pid_files(jobs):
+    return [folder / PID_FILE for _, folder, _ in jobs]
+
+
+def launch(ray, jobs, cpus_per_run, progress):
+    """Run `jobs` [(config, folder, main.py's flags)] as Ray tasks (Ray initialised), reporting to `progress`.
+    Ctrl-C or SIGTERM lets the running main.py save first."""
     experiment.ship_to_workers()
     run_to_end = ray.remote(num_cpus=cpus_per_run)(experiment.run_to_end)
     env = thread_env(cpus_per_run)
     pending = {}
     for config, folder, args in jobs:
         pending[run_to_end.remote(args, folder, env)] = (config, folder)
-    failed = []
-    with stopping_cleanly(lambda: [folder / PID_FILE for _, folder, _ in jobs]):
+    with stopping_cleanly(lambda: pid_files(jobs)):
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             config, folder = pending.pop(ref)
             try:
-                status, is_failure = outcome(folder, ray.get(ref))
+                progress.ended(config, *outcome(folder, ray.get(ref)))
             except ray.exceptions.RayError as exc:
-                status, is_failure = f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True
-            done += 1
-            print(f"[{done}/{total}] {config.label}: {status}", flush=True)
-            if is_failure:
-                failed.append(config.label)
-    return failed
+                progress.ended(config, f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True)
+
+
+def launch_without_ray(jobs, cpus_per_run, parallel, progress):
+    """As launch, with `parallel` runs at a time as child processes of this one (--no_ray: a machine without
+    Ray)."""
+    env = thread_env(cpus_per_run)
+    stopping = threading.Event()
+
+    def run_unless_stopping(args, folder):  # a queued run must not start once a signal has come
+        return None if stopping.is_set() else experiment.run_to_end(args, folder, env)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+        pending = {pool.submit(run_unless_stopping, args, folder): (config, folder) for config, folder, args in jobs}
+        try:
+            with stopping_cleanly(lambda: pid_files(jobs), before_stopping=stopping.set):
+                for future in concurrent.futures.as_completed(pending):
+                    config, folder = pending[future]
+                    progress.ended(config, *outcome(folder, future.result()))
+        except KeyboardInterrupt:
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            experiment.stop_runs(pid_files(jobs))  # a run that started while the first signal was handled
+            raise
 
 
 def parse_args(argv):
@@ -244,6 +282,11 @@ def parse_args(argv):
     parser.add_argument("--address", help="address of an existing Ray cluster (default: start a private local "
                                           "instance, whatever RAY_ADDRESS or an earlier `ray start` say)")
     parser.add_argument("--cpus_per_run", type=int, default=1, help="CPUs (and torch threads) per run")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="runs at a time on this machine (default: one per --cpus_per_run CPUs)")
+    parser.add_argument("--no_ray", action="store_true",
+                        help="run the configurations as child processes of this one, without Ray (--parallel at a "
+                             "time)")
     parser.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
     return parser.parse_args(argv)
 
@@ -255,10 +298,13 @@ def main(argv=None):
         clashing = [f for f in extra if f.split("=")[0] in MANAGED_FLAGS]
         if clashing:
             raise ExperimentError(f"--extra may not set {', '.join(clashing)}: the sweep sets it per configuration")
-        if args.cpus_per_run < 1:
-            raise ExperimentError("--cpus_per_run must be at least 1")
+        if args.cpus_per_run < 1 or (args.parallel is not None and args.parallel < 1):
+            raise ExperimentError("--cpus_per_run and --parallel must be at least 1")
+        if args.address and (args.no_ray or args.parallel is not None):
+            raise ExperimentError("--address joins a Ray cluster, which decides how many runs go at a time: "
+                                  "leave out --parallel and --no_ray")
         configs = select_configs(experiment.read_hparams(args.csv), args.tasks, args.models, args.seeds)
-        ray = None if args.dry_run else import_ray()
+        ray = None if args.dry_run or args.no_ray else import_ray()
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -293,10 +339,17 @@ def main(argv=None):
     if args.dry_run or not jobs:
         return 0
 
+    progress = Progress(total, done)
+    parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.cpus_per_run)
     try:
-        with ray_running(ray, args.address):  # first: a cluster that does not answer ends the sweep at once
+        if args.no_ray:
             prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
-            failed = launch(ray, jobs, args.cpus_per_run, total, done)
+            launch_without_ray(jobs, args.cpus_per_run, parallel, progress)
+        else:
+            # first: a cluster that does not answer ends the sweep at once
+            with ray_running(ray, args.address, None if args.parallel is None else parallel * args.cpus_per_run):
+                prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
+                launch(ray, jobs, args.cpus_per_run, progress)
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -304,6 +357,7 @@ def main(argv=None):
         print("Interrupted: the running configurations saved their latest checkpoint; run the same command again "
               "to continue.", file=sys.stderr, flush=True)
         return 130
+    failed = progress.failed
     print(f"{total - len(failed)} of {total} configurations finished; {len(failed)} failed"
           + (": " + "; ".join(failed) if failed else ""), flush=True)
     return 1 if failed else 0

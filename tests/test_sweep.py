@@ -5,9 +5,11 @@ import json
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -183,6 +185,8 @@ def test_a_run_started_with_other_flags_is_neither_skipped_nor_resumed(tmp_path,
     (["--tasks", "dyck-1"], "no row for task 'dyck-1'"),
     (["--models", "3"], "unknown model type 3"),
     (["--extra", "--seed 2"], "--extra may not set --seed"),
+    (["--no_ray", "--address", "auto"], "--address joins a Ray cluster"),
+    (["--parallel", "0"], "--parallel must be at least 1"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "hparams.csv").write_text(TINY_CSV)
@@ -282,3 +286,44 @@ def test_an_interrupt_lets_each_running_trial_save_and_leaves_other_processes_al
     finally:
         trial.kill()
         stranger.kill()
+
+
+def test_without_ray_the_runs_go_as_child_processes_and_a_relaunch_skips_them(tmp_path):
+    """--no_ray on a machine where `import ray` fails: the two good runs finish, the SRWM fails, as with Ray."""
+    (tmp_path / "hparams.csv").write_text(TINY_CSV)
+    write_tiny_parity(tmp_path / "data" / "parity")
+    argv = sweep_args(tmp_path, "--no_ray", "--parallel", "2")
+    code = ("import sys; sys.modules['ray'] = None; sys.path.insert(0, 'scripts'); import sweep; "
+            f"sys.exit(sweep.main({argv!r}))")
+    first = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert first.stdout.splitlines()[-1] == "2 of 3 configurations finished; 1 failed: parity SRWM seed 1"
+    for slug in ("lstm", "e-lstm"):
+        [run_dir] = experiment.run_dirs(config_folder(tmp_path, slug))
+        assert (run_dir / "final.json").is_file()
+    again = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert again.stdout.count("skipped, finished earlier") == 2, again.stdout + again.stderr
+
+
+def test_without_ray_a_signal_saves_the_running_run_and_starts_no_queued_one(tmp_path):
+    (tmp_path / "hparams.csv").write_text(HEADER + "parity,0,1,8,1,1,16,1e-3,400\nparity,10,1,8,1,1,16,1e-3,400\n")
+    write_tiny_parity(tmp_path / "data" / "parity", train_lines=480, random_labels=True)
+    argv = sweep_args(tmp_path, "--no_ray", "--parallel", "1")
+    sweep_run = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "sweep.py"), *argv], cwd=REPO_ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = config_folder(tmp_path, "lstm")
+    deadline = time.monotonic() + 300
+    while not list(first.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(first.glob("*/metrics.jsonl")), "the first run never evaluated"
+    sweep_run.send_signal(signal.SIGTERM)
+    out, err = sweep_run.communicate(timeout=120)
+    assert sweep_run.returncode == 130, out + err
+    [run_dir] = experiment.run_dirs(first)
+    assert experiment.has_checkpoint(run_dir) and not experiment.is_finished(run_dir)
+    assert not (first / sweep.PID_FILE).exists()
+    assert not experiment.run_dirs(config_folder(tmp_path, "e-lstm"))  # queued: never started
+    assert "run the same command again" in err
+    dry = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "sweep.py"), *argv, "--dry_run"],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert f"--resume {run_dir}" in dry.stdout, dry.stdout + dry.stderr
