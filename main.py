@@ -709,24 +709,32 @@ def train_and_report(run, argv, resuming):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     with SignalCatcher() as signals:
-        run_dir = resuming = None
         try:
-            signals.stop_if_received()  # noted while Python imported torch and the rest
-            args, run_dir, dataset, device, resuming = prepare(argv)
-            signals.stop_if_received()
-            run = start_run(args, run_dir, dataset, device, resuming)
-        except (UsageError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except (StopSignal, KeyboardInterrupt) as exc:  # while setting up: nothing was trained
-            stop = as_stop_signal(exc)
-            close_logging()
-            if run_dir is not None and not resuming:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            print(stop_message(run_dir if resuming else None, stop, None, argv), file=sys.stderr, flush=True)
+            return set_up_and_train(argv, signals)
+        except StopSignal as stop:  # a further signal while the first one's stop was being handled: at once
             return 128 + stop.signum
-        run.signals = signals
-        return train_and_report(run, argv, resuming)
+
+
+def set_up_and_train(argv, signals):
+    """The run of `argv` and its exit status; a signal before training starts ends it with nothing kept."""
+    run_dir = resuming = None
+    try:
+        signals.stop_if_received()  # noted while Python imported torch and the rest
+        args, run_dir, dataset, device, resuming = prepare(argv)
+        signals.stop_if_received()
+        run = start_run(args, run_dir, dataset, device, resuming)
+    except (UsageError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StopSignal, KeyboardInterrupt) as exc:  # while setting up: nothing was trained
+        stop = as_stop_signal(exc)
+        close_logging()
+        if run_dir is not None and not resuming:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(stop_message(run_dir if resuming else None, stop, None, argv), file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    run.signals = signals
+    return train_and_report(run, argv, resuming)
 
 
 if __name__ == "__main__":

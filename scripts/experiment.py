@@ -162,8 +162,11 @@ def main_running(args, folder, env_overrides):
     with open(folder / RUN_LOG, "a") as log:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         log.flush()
+        # A session of its own: a Ctrl-C at the terminal, or a SIGTERM to the whole process group (timeout, a
+        # batch scheduler), reaches the driver alone, which lets each run save (stop_runs). Reaching main.py too,
+        # it would be followed by the driver's SIGTERM, and a second signal stops main.py at once, unsaved.
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=main_environment(env_overrides), stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=stop_with_parent)
+                                stderr=subprocess.STDOUT, preexec_fn=stop_with_parent, start_new_session=True)
     pid_file = folder / PID_FILE
     pid_file.write_text(f"{proc.pid}\n")
     try:

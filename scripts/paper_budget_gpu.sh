@@ -16,10 +16,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 common=(--no_ray --parallel 16 --csv scripts/hparams_searched.csv --work_dir results/paper_budget
         --extra="--num_epoch 300 --patience 100 --device ${DEVICE:-cuda}")
 # Both sweeps at once; timeout signals sweep.py itself, which lets its runs save and exits with 130.
-timeout -s TERM "$budget" "$PYTHON" scripts/sweep.py "${common[@]}" \
+timeout --preserve-status -s TERM "$budget" "$PYTHON" scripts/sweep.py "${common[@]}" \
     --tasks counter-2 counter-3 shuffle-2 dyck-1 reset_dyck --models 12 7 &
 first=$!
-timeout -s TERM "$budget" "$PYTHON" scripts/sweep.py "${common[@]}" --tasks reset_dyck --models 2 &
+timeout --preserve-status -s TERM "$budget" "$PYTHON" scripts/sweep.py "${common[@]}" --tasks reset_dyck --models 2 &
 second=$!
 wait "$first"; status_first=$?
 wait "$second"; status_second=$?

@@ -602,6 +602,26 @@ def test_signal_before_the_first_batch_leaves_nothing_to_resume(tmp_path, tiny_d
     assert "nothing to resume" in out and f"Start again with: python main.py --data_dir {tiny_data}" in out
 
 
+@pytest.mark.parametrize("moment", ["while the stop is logged", "while the empty run directory is removed"])
+def test_a_further_signal_while_a_stop_is_handled_ends_the_run_with_no_traceback(tmp_path, tiny_data, monkeypatch,
+                                                                                 moment):
+    """A group-wide SIGTERM (timeout, SLURM) reaches main.py, then its sweep sends one more: the second lands in the
+    first one's clean-up. It stops at once, with the first signal's status, and raises nothing."""
+    real_header = main.Run.log_header
+    monkeypatch.setattr(main.Run, "log_header",
+                        lambda self, *args: (real_header(self, *args), os.kill(os.getpid(), signal.SIGTERM)))
+    if moment == "while the stop is logged":
+        real_message = main.stop_message
+        monkeypatch.setattr(main, "stop_message",
+                            lambda *args: (os.kill(os.getpid(), signal.SIGINT), real_message(*args))[1])
+    else:
+        real_rmtree = main.shutil.rmtree
+        monkeypatch.setattr(main.shutil, "rmtree",
+                            lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGINT), real_rmtree(*args, **kwargs)))
+    code, _ = run_main(tmp_path, tiny_data, *TINY)
+    assert code == 128 + signal.SIGTERM
+
+
 def test_sigterm_to_a_real_process_then_resume_matches_uninterrupted_run(tmp_path, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["main.py", "--data_dir", str(tiny_data), *TINY, "--num_epoch", "40", "--dropout", "0.2",
