@@ -310,6 +310,7 @@ def pyplot():
 # The paper's budget (issue 34): the disputed cells' chosen configurations trained again up to 300 epochs by
 # scripts/sweep.py, one folder per (task, model, seed) below --paper_budget.
 CURVES_PLOT_FILE = "paper_budget_curves.png"
+SEED_LINE_STYLES = ("-", "--", ":")  # seed 1, 2, 3
 
 
 def collect_paper_budget(root):
@@ -368,9 +369,10 @@ def plot_paper_budget_curves(budget, path):
         for run in budget[(task, model_type)]:
             records = [r for r in experiment.read_metrics(run.path) if r.get("end_of_epoch")]
             epochs = [r["epoch"] for r in records]
-            width, alpha = (1.6, 1.0) if run.seed == SEARCH_SEED else (0.8, 0.6)
+            width = 1.6 if run.seed == SEARCH_SEED else 0.9
+            style = SEED_LINE_STYLES[(run.seed - 1) % len(SEED_LINE_STYLES)]
             for key, color, split in (("valid_acc", "tab:blue", "Bin0"), ("valid2_acc", "tab:red", "Bin1")):
-                ax.plot(epochs, [r[key] for r in records], color=color, linewidth=width, alpha=alpha,
+                ax.plot(epochs, [r[key] for r in records], color=color, linewidth=width, linestyle=style,
                         label=f"{split}, seed {run.seed}")
         label_accuracy_panel(ax, f"{task} / {MODEL_NAMES[model_type]}", "epoch", legend_size=6, title_size=9)
     save_panels(plt, fig, axes, len(keys), path, dpi=110)
