@@ -329,7 +329,7 @@ def how_it_ended(run):
     records = experiment.read_metrics(run.path)
     epochs = records[-1]["epoch"] if records else 0
     final = experiment.read_final(run.path)
-    return f"{epochs} epochs, {final['stopped'] if final else 'running'}"
+    return f"{epochs} epoch{'' if epochs == 1 else 's'}, {final['stopped'] if final else 'running'}"
 
 
 def render_paper_budget(budget, searched, table_dir):
@@ -342,7 +342,7 @@ def render_paper_budget(budget, searched, table_dir):
         first, others = runs[0], runs[1:]
         search = searched.get((task, model_type))
         search_text = cell((search.runs[0], 1), search) if search else "-"
-        others_text = "; ".join(cell((run, 1)) for run in others) or "-"
+        others_text = "; ".join(f"{cell((run, 1))} ({how_it_ended(run)})" for run in others) or "-"
         solved = f"{sum(run.bin1 >= SOLVED_BIN1 for run in runs)}/{len(runs)}"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {search_text} | {cell((first, 1))} | "
                      f"{how_it_ended(first)} | {others_text} | {solved} | "

@@ -197,7 +197,8 @@ def test_the_paper_budget_runs_get_their_section_and_curves(results_dir):
     section = table[len(EXPECTED_TABLE):].splitlines()
     rows = [line for line in section if line.startswith("| counter-3") or line.startswith("| reset_dyck")]
     assert rows == [
-        "| counter-3 | SRWM | - | 100.0 / 99.5 | 3 epochs, patience | 100.0 / 100.0; 100.0 / 30.0 | 2/3 | "
+        "| counter-3 | SRWM | - | 100.0 / 99.5 | 3 epochs, patience | 100.0 / 100.0 (1 epoch, stop_acc); "
+        "100.0 / 30.0 (2 epochs, num_epoch) | 2/3 | "
         "paper_budget/counter-3/srwm-seed1/srwm-counter-3-20261201-120000-000001 |",
         "| reset_dyck | DeltaNet | - | 100.0 / 88.9* | 2 epochs, running | - | 0/1 | "
         "paper_budget/reset_dyck/deltanet-seed1/deltanet-reset_dyck-20261201-120000-000001 |"]
