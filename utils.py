@@ -234,7 +234,7 @@ def restore_rng_state(state):
 
 def cpu_description():
     """'<model name> (<vector ISAs>)' from /proc/cpuinfo, or the platform's processor string elsewhere."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -247,5 +247,7 @@ def cpu_description():
                     break
     except OSError:
         pass
+    # Only without /proc/cpuinfo's name: platform.processor() may run `uname -p`, and every main.py start logs this.
+    model = model or platform.processor() or platform.machine()
     isas = [name for name in ("avx512f", "avx2", "fma") if name in flags]
     return f"{model} ({', '.join(isas) or 'no AVX'})"

@@ -120,6 +120,11 @@ SOLVED_BIN1 = 99.0
 SEARCH_FILE = "search.md"
 
 
+def from_table(path, table_dir):
+    """`path` relative to the folder of table.md, as its links give it."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(table_dir).resolve())).as_posix()
+
+
 def latest_run(trial_folder):
     run_dir = experiment.latest_run_dir(trial_folder)
     return read_run(run_dir) if run_dir else None
@@ -194,7 +199,7 @@ def render_search(cells, table_dir):
         seeds = "; ".join(f"seed {run.seed}: {one_decimal(run.bin0)} / {one_decimal(run.bin1)}"
                           + ("" if run.finished else "*") for run in cell.runs)
         lines += ["", f"Chosen: `{summary['best']}`, run "
-                      f"`{Path(os.path.relpath(best_run.path.resolve(), Path(table_dir).resolve())).as_posix()}`.",
+                      f"`{from_table(best_run.path, table_dir)}`.",
                   f"Curve: {curve or '-'}.", f"Seeds (Bin0 / Bin1): {seeds}; "
                   f"{cell.seeds_solved}/{cell.seeds_planned} solve Bin1."]
     return "\n".join(lines) + "\n"
@@ -289,7 +294,7 @@ def render_table(chosen, table_dir, searched=None):
             search = searched[(task, model_type)]
             status += f", searched ({trials_done(search.summary)} of {len(search.summary['trials'])} trials done)"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {run.seed} | {count} | {status} | "
-                     f"{Path(os.path.relpath(run.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
+                     f"{from_table(run.path, table_dir)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,7 +351,7 @@ def render_paper_budget(budget, searched, table_dir):
         solved = f"{sum(run.bin1 >= SOLVED_BIN1 for run in runs)}/{len(runs)}"
         lines.append(f"| {task} | {MODEL_NAMES[model_type]} | {search_text} | {cell((first, 1))} | "
                      f"{how_it_ended(first)} | {others_text} | {solved} | "
-                     f"{Path(os.path.relpath(first.path.resolve(), Path(table_dir).resolve())).as_posix()} |")
+                     f"{from_table(first.path, table_dir)} |")
     lines += ["", f"- Each cell's chosen configuration (scripts/hparams_searched.csv) with `--num_epoch 300 --patience "
               f"100`: the original's stop rule (mean of Bin0 and Bin1 at 100 %), or 300 epochs, or 100 epochs without "
               f"a new best (docs/reproducing.md#the-papers-budget). Seeds 2 and 3 only where seed 1 reached "

@@ -106,6 +106,11 @@ def prepare_data(tasks, data_root, bins):
         write_task(task, str(task_dir), bins=bins)
 
 
+def local_cpus(parallel, cpus_per_run):
+    """The CPUs of the local Ray instance: enough for `parallel` runs; None (all of the machine's) without it."""
+    return None if parallel is None else parallel * cpus_per_run
+
+
 def import_ray():
     try:
         import ray
@@ -347,7 +352,7 @@ def main(argv=None):
             launch_without_ray(jobs, args.cpus_per_run, parallel, progress)
         else:
             # first: a cluster that does not answer ends the sweep at once
-            with ray_running(ray, args.address, None if args.parallel is None else parallel * args.cpus_per_run):
+            with ray_running(ray, args.address, local_cpus(args.parallel, args.cpus_per_run)):
                 prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
                 launch(ray, jobs, args.cpus_per_run, progress)
     except ExperimentError as exc:

@@ -38,7 +38,7 @@ from experiment import (PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError, HParams, 
                         has_checkpoint, is_finished, latest_run_dir, main_args, main_running, read_metrics, resume_args,
                         ship_to_workers)
 from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS
-from sweep import import_ray, prepare_data, ray_running, stopping_cleanly, thread_env
+from sweep import import_ray, local_cpus, prepare_data, ray_running, stopping_cleanly, thread_env
 
 LEARNING_RATES = ("3e-4", "1e-3", "3e-3")
 LAYERS = (1, 2)
@@ -523,11 +523,6 @@ def running_pid_files(cells):
     return [pid_file for cell in cells if cell.lock is not None for pid_file in cell.folder.glob(f"*/{PID_FILE}")]
 
 
-def local_cpus(args):
-    """The CPUs of the local Ray instance: enough for --parallel trials; None (all of the machine's) by default."""
-    return None if args.parallel is None else args.parallel * args.cpus_per_run
-
-
 def search_cells(args, ray, tune):
     """Searches each cell of the command that no other driver holds, each cell's seeds going on in the background
     while the next cell is searched. Returns the trials (search trials and seed runs) that failed."""
@@ -576,7 +571,8 @@ def main(argv=None):
     # stop everything (trials checkpoint through main.py's SIGTERM handling) and leave no scheduler verdicts behind.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
-        with ray_running(ray, args.address, local_cpus(args)):  # first: a cluster that does not answer ends it at once
+        # first: a cluster that does not answer ends it at once
+        with ray_running(ray, args.address, local_cpus(args.parallel, args.cpus_per_run)):
             prepare_data(args.tasks, args.data_root, bins=3)
             ship_to_workers(sys.modules[run_trial.__module__])
             failed = search_cells(args, ray, tune)

@@ -323,7 +323,8 @@ def test_parallel_sizes_the_local_ray_instance(flags, num_cpus):
             self.kwargs = kwargs
 
     ray = RecordingRay()
-    sweep.start_ray(ray, None, tune.local_cpus(tune.parse_args(flags)))
+    args = tune.parse_args(flags)
+    sweep.start_ray(ray, None, sweep.local_cpus(args.parallel, args.cpus_per_run))
     # "local": a new instance, whatever RAY_ADDRESS or the record of an earlier `ray start` say
     assert ray.kwargs["num_cpus"] == num_cpus and ray.kwargs["address"] == "local"
 
