@@ -467,37 +467,50 @@ BAD_FLAGS = {
 
 
 @pytest.fixture(scope="module")
-def bad_flag_results(tmp_path_factory):
-    """All bad-flag subprocesses at once (each one pays for importing torch)."""
+def bad_flag_dirs(tmp_path_factory):
+    """The folders the cases' flags name ({missing}, {a_file}, ...) and a good data folder the cases override."""
     root = tmp_path_factory.mktemp("bad")
     dirs = {name: str(path) for name, path in bad_data_dirs(root).items()}
-    good_data = str(write_tiny_parity(root / "good"))
-    procs = {}
-    for case, flags in BAD_FLAGS.items():
-        flags = [flag.format(**dirs) for flag in flags]
-        work = root / f"work_{case}"
-        procs[case] = (work, subprocess.Popen(  # the case's flags come last, so they override these
-            [sys.executable, "main.py", "--data_dir", good_data, "--work_dir", str(work), "--num_epoch", "1", *flags],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = {}
-    for case, (work, proc) in procs.items():
-        # 23 processes importing torch at once: minutes on two busy cores, seconds on an idle machine.
-        out, err = proc.communicate(timeout=600)
-        results[case] = (proc.returncode, out, err, work)
-    return results
+    return dirs, str(write_tiny_parity(root / "good"))
 
 
-@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flag_fails_with_one_line(case, bad_flag_results):
-    if case == "cuda_without_gpu" and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    code, out, err, work = bad_flag_results[case]
+def bad_flag_argv(case, bad_flag_dirs, work):
+    dirs, good_data = bad_flag_dirs  # the case's flags come last, so they override these
+    return ["--data_dir", good_data, "--work_dir", str(work), "--num_epoch", "1",
+            *(flag.format(**dirs) for flag in BAD_FLAGS[case])]
+
+
+def assert_one_error_line(code, out, err, work):
     assert code == main.EXIT_USAGE
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert all("generating" in line for line in out.splitlines()), out  # stdout: at most the generation note
     assert "Traceback" not in out + err
     assert not work.exists() or not any(work.iterdir())
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_fails_with_one_line(case, bad_flag_dirs, tmp_path, capsys):
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    work = tmp_path / "work"
+    code = main.main(bad_flag_argv(case, bad_flag_dirs, work))  # an exception here is the traceback a user would see
+    out, err = capsys.readouterr()
+    assert_one_error_line(code, out, err, work)
+
+
+# One case of each kind (the parser, a flag check, the data, the run directory) as a shell sees it: the process's
+# exit status and its stderr. The rest run in-process above, since each process pays seconds for importing torch.
+AS_A_PROCESS = ["not_a_number", "srwm_head_dim_3", "data_unknown_token", "work_dir_below_a_file"]
+
+
+def test_bad_flags_as_processes(bad_flag_dirs, tmp_path):
+    procs = {case: subprocess.Popen([sys.executable, "main.py", *bad_flag_argv(case, bad_flag_dirs, tmp_path / case)],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for case in AS_A_PROCESS}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert_one_error_line(proc.returncode, out, err, tmp_path / case)
 
 
 # -- wandb -------------------------------------------------------------------------------------------------------
