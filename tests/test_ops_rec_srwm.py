@@ -83,6 +83,14 @@ def op(request):
     return request.param
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_first_call_on_one_step_keeps_the_kernel(op, dtype, monkeypatch):
+    """The kernel's self-check runs when a process first calls the operator; a first call on a one-step sequence
+    must not fail it (on one step the SRWM's output leaves W_q out of the graph) and drop the kernel for good."""
+    monkeypatch.setattr(kernel_loader, "_self_checks", {})
+    assert_fused_used(op, op.make_inputs(1, 1, 1, 4, dtype, seed=3))
+
+
 def run_with_grads(fn, inputs, num_differentiable, grad_out):
     """Output and the gradients of the first num_differentiable inputs (zeros for inputs the output ignores)."""
     out = fn(*inputs)
