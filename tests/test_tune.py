@@ -599,6 +599,9 @@ def kill_once_checkpointed(trial_folder, killed, timeout=120.0):
         time.sleep(0.05)
 
 
+# Slow (about 40 s: two searches with seeds on Ray). Its parts are in the default suite: a failed trial named with
+# exit 1, an interrupted trial resumed, main.py's resume after a kill and after a failed checkpoint write.
+@pytest.mark.slow
 def test_a_trial_killed_while_checkpointing_resumes_on_a_relaunch_that_reruns_nothing_finished(local_ray, tmp_path):
     """kill -9 of one trial's main.py mid-training; it leaves a half-written latest_model.pt.tmp (save_checkpoint
     writes there, then renames). The search ends with the trial failed; the relaunch resumes it from its
