@@ -6,6 +6,8 @@ they come late and one at a time, while the other worker waits for the same buil
 processes started here build them from the start, beside the workers' first test files, and the files whose tests
 nearly all run a kernel come last, when the builds are done. On a warm cache the builders only import torch.
 """
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,8 @@ def pytest_sessionstart(session):
     for share in range(BUILDERS):
         kernels = [f"{folder}:{name}" for folder, name in CPU_KERNELS[share::BUILDERS]]
         _builders.append(subprocess.Popen([sys.executable, "-c", BUILD, *kernels], cwd=REPO,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))  # its ninja and compilers in its group
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -35,9 +38,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session):
-    # A builder still running when the tests are done (a few tests selected with -k) is stopped; kernel_loader
-    # takes over the lock and the torch `lock` a killed build leaves behind.
+    # A builder still running when the tests are done (a few tests selected with -k) is stopped with its compilers,
+    # which would otherwise go on writing into the cache; kernel_loader takes over the torch `lock` a killed build
+    # leaves behind.
     for builder in _builders:
         if builder.poll() is None:
-            builder.terminate()
+            os.killpg(builder.pid, signal.SIGTERM)
         builder.wait()
