@@ -5,6 +5,7 @@ Takes the original flags verbatim (plus --device and --resume). Each run gets it
 latest_model.pt and, once finished, final.json. A run with latest_model.pt but no final.json continues exactly
 where its last evaluation left off with `python main.py --resume RUN_DIR`.
 """
+import os
 import signal
 import sys
 
@@ -18,7 +19,11 @@ def note_early_signal(signum, frame):
     EARLY_SIGNALS.append(signum)
     if len(EARLY_SIGNALS) > 1:  # a second signal stops at once, with the status of the first
         print("Stopped before training started: nothing to resume.", file=sys.stderr, flush=True)
-        raise SystemExit(128 + EARLY_SIGNALS[0])
+        sys.stdout.flush()
+        # Not an exception: raised inside an import, one leaves a half-initialised module behind (numpy's C part then
+        # refuses to load again and the stop ends as an ImportError traceback), and an importer's `except` may catch
+        # it. Before main() nothing has been written, so there is nothing to clean up.
+        os._exit(128 + EARLY_SIGNALS[0])
 
 
 if __name__ == "__main__":
@@ -30,7 +35,6 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -251,6 +252,25 @@ def test_a_second_signal_during_start_up_stops_at_once_with_the_first_ones_statu
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + first, err
     assert "Traceback" not in out + err and "nothing to resume" in err
+
+
+def test_a_second_signal_during_the_imports_ends_the_process_even_where_the_interrupted_code_catches_everything():
+    """The two signals above land wherever the imports are; inside numpy's C part, an exception raised by the
+    handler once left a half-loaded module behind and the stop ended as an ImportError traceback. Here the second
+    signal interrupts code that catches every exception and carries on: the process must end there all the same."""
+    interrupted_import = textwrap.dedent("""
+        import signal, main
+        try:
+            main.note_early_signal(signal.SIGTERM, None)
+            main.note_early_signal(signal.SIGINT, None)
+        except BaseException as exc:
+            print("caught", type(exc).__name__)
+        print("went on")
+    """)
+    proc = subprocess.run([sys.executable, "-c", interrupted_import], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stdout == "" and proc.stderr == "Stopped before training started: nothing to resume.\n"
 
 
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM),
