@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
@@ -523,12 +524,27 @@ def running_pid_files(cells):
     return [pid_file for cell in cells if cell.lock is not None for pid_file in cell.folder.glob(f"*/{PID_FILE}")]
 
 
+@contextmanager
+def summing_up_when_stopped(cells):
+    """A driver stopped mid-cell (Ctrl-C, SIGTERM, an error) writes the search.json of every cell it still holds,
+    from the trial folders as the stop left them (stopping_cleanly has let the running trials save by then), so
+    that no summary disagrees with its folders until the next relaunch."""
+    try:
+        yield
+    except BaseException:
+        for cell in cells:
+            if cell.lock is not None:
+                cell.write_summary()
+                cell.release()
+        raise
+
+
 def search_cells(args, ray, tune):
     """Searches each cell of the command that no other driver holds, each cell's seeds going on in the background
     while the next cell is searched. Returns the trials (search trials and seed runs) that failed."""
     seeds = Seeds(ray, args.cpus_per_run)
     cells, failed = [], []
-    with stopping_cleanly(lambda: running_pid_files(cells)):
+    with stopping_cleanly(lambda: running_pid_files(cells)), summing_up_when_stopped(cells):
         for task in args.tasks:
             train_lines = count_lines(args.data_root / task / "train_50.src")
             for model_type in args.models:

@@ -640,3 +640,39 @@ def test_a_trial_killed_while_checkpointing_resumes_on_a_relaunch_that_reruns_no
     summary = json.loads((cell / tune.SUMMARY_FILE).read_text())
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
     assert [s["status"] for s in summary["seeds"]] == ["finished", "finished"]
+
+
+def signal_once_checkpointed(trial_folder, signalled, timeout=120.0):
+    """SIGTERMs this process (the driver) once the trial's main.py has written its first latest_model.pt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checkpointed = [d for d in experiment.run_dirs(trial_folder) if (d / "latest_model.pt").is_file()]
+        if experiment.running_main_py(trial_folder / tune.PID_FILE) is not None and checkpointed:
+            signalled.append(checkpointed[0])
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.05)
+
+
+def test_a_search_stopped_mid_trial_leaves_a_summary_that_matches_its_folders(local_ray, tmp_path):
+    """SIGTERM to the driver while the cell's first trial trains: the trial saves, the driver exits 130, and the
+    cell's search.json (the first one it has) says what the trial folders say: that trial unfinished with the
+    best score of its metrics, no seed run started."""
+    write_tiny_parity(tmp_path / "data" / "parity", train_lines=64 * 200, random_labels=True)
+    argv = search_argv(tmp_path)
+    cell = tmp_path / "search" / "parity" / "lstm"
+    victim = cell / "lr1e-3-l1-h8-n1-seed1"
+    signalled = []
+    signaller = threading.Thread(target=signal_once_checkpointed, args=(victim, signalled), daemon=True)
+    signaller.start()
+    with redirect_stdout(io.StringIO()):
+        code = tune.main(argv + ["--parallel", "1"])
+    signaller.join()
+    assert signalled, "the trial ended before the driver could be stopped"
+    assert code == 130
+    summary = json.loads((cell / tune.SUMMARY_FILE).read_text())
+    assert summary == tune.Cell(tune.parse_args(argv), "parity", 0, 1).summary()
+    trials = {t["name"]: t for t in summary["trials"]}
+    assert trials[victim.name]["status"] == "unfinished" and trials[victim.name]["best_score"] is not None
+    assert trials["lr3e-3-l1-h8-n1-seed1"]["status"] in ("not started", "started", "unfinished")  # Ray's timing
+    assert all(s["status"] == "not started" for s in summary["seeds"])
