@@ -1,5 +1,5 @@
-"""The eight formal-language tasks of the paper (Bhattamishra et al., 2020 samplers), three permutation-group
-state-tracking tasks (s3, a5, s5), their generators and the six-file loader.
+"""The eight formal-language tasks of the paper (Bhattamishra et al., 2020 samplers), five permutation-group
+state-tracking tasks (s3, a4, s4, a5, s5), their registry (TASK_REGISTRY), generators and the six-file loader.
 
 Generation follows docs/data.md (the "paper settings" of satwik77/Transformer-Formal-Languages) and
 writes IDSIA's format: `{train,valid,test}_50.{src,tgt}`, one space-separated example per line, one target token
@@ -8,7 +8,7 @@ as `bin{k}_50.*`. Every draw comes from one private `random.Random(seed)` per ta
 bytes on every machine.
 
 The group tasks (not in the paper) use the same format, splits and bins: the input is a sequence of uniformly drawn
-elements of S3, A5 or S5, each one token in one-line notation (`10234` swaps 0 and 1), and the target at each
+elements of S3, A4, S4, A5 or S5, each one token in one-line notation (`10234` swaps 0 and 1), and the target at each
 position is the product so far, the state s' with s'[i] = s[g[i]] after token g, starting from the identity.
 
     python data.py --task TASK|all --out_dir DIR [--seed N] [--bins K]   # all: the paper's eight
@@ -28,12 +28,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
-
-# TASKS: the paper's eight, what `--task all` writes and the scripts' default task list and table columns.
-# ALL_TASKS: everything generate_task can write, the eight and the group tasks.
-TASKS = ("parity", "aa-star", "abab-star", "counter-2", "counter-3", "shuffle-2", "dyck-1", "reset_dyck")
-GROUP_TASKS = ("s3", "a5", "s5")
-ALL_TASKS = TASKS + GROUP_TASKS
 
 LEVEL = 50          # IDSIA's fixed `--level`: the `_50` in the file names, not a length
 TRAIN_SIZE = 10000
@@ -289,10 +283,16 @@ def _group_targets(n, even_only):
 
 # ---------------------------------------------------------------------------------------------------- tasks
 
-@dataclass(frozen=True)
-class _Task:
-    """How one language is sampled and labelled.
+# The families of the task registry: which table a task's results land in and which tasks a default list holds.
+PAPER, GROUP_WORD_PROBLEMS = "paper", "group"
 
+
+@dataclass(frozen=True)
+class Task:
+    """One entry of the task registry: how a language is sampled and labelled, and where it belongs.
+
+    family: PAPER (the paper's eight: `--task all`, the scripts' default task list, the main table's columns) or
+    GROUP_WORD_PROBLEMS (beyond the paper: the group table's columns).
     mode: "joint" (one unique corpus split into train and valid), "separate" (train and valid drawn apart,
     each unique), "replacement" (draws with repeats; validation bins de-duplicated), "uniform" (train and valid
     drawn apart, repeats kept everywhere: the group tasks).
@@ -302,6 +302,8 @@ class _Task:
     [k*LEN_INCR + bin_gap, (k+1)*LEN_INCR]. It bounds the length, except for the counters (it bounds n) and the
     grammar languages (upper is the grammar's max_size; reset_dyck strings can reach 2*upper + 1).
     """
+    name: str
+    family: str
     mode: str
     sample: object
     targets: object
@@ -324,24 +326,36 @@ def _grammar(draw):
     return lambda rng, num, lower, upper: _unique_list(lambda: draw(rng, upper), num, lower)
 
 
-_TASKS = {
-    "parity": _Task("joint", _parity_list, _parity_targets),
-    "aa-star": _Task("replacement", _finite(_repeated_unit, unit="aa"), lambda w: _block_targets(w, 2)),
-    "abab-star": _Task("replacement", _finite(_repeated_unit, unit="abab"), lambda w: _block_targets(w, 4)),
-    "counter-2": _Task("replacement", _finite(_counter_word, letters="ab"), lambda w: _counter_targets(w, "ab"),
-                       bin0_lower=1),
-    "counter-3": _Task("replacement", _finite(_counter_word, letters="abc"),
-                       lambda w: _counter_targets(w, "abc"), bin0_lower=1),
-    "shuffle-2": _Task("separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()", "[]"), upper)),
-                       lambda w: _closer_targets(w, ("()", "[]")), bin_gap=2),
-    "dyck-1": _Task("separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()",), upper)),
-                    lambda w: _closer_targets(w, ("()",)), bin_gap=2),
-    "reset_dyck": _Task("joint", _grammar(_reset_dyck_word), _reset_dyck_targets),
-    "s3": _Task("uniform", _group_sampler(3, False), _group_targets(3, False)),
-    "a5": _Task("uniform", _group_sampler(5, True), _group_targets(5, True)),
-    "s5": _Task("uniform", _group_sampler(5, False), _group_targets(5, False)),
-}
-assert tuple(_TASKS) == ALL_TASKS
+# The registry, in table order: adding a task is one entry here (and its sampler and targets above).
+TASK_REGISTRY = {task.name: task for task in (
+    Task("parity", PAPER, "joint", _parity_list, _parity_targets),
+    Task("aa-star", PAPER, "replacement", _finite(_repeated_unit, unit="aa"), lambda w: _block_targets(w, 2)),
+    Task("abab-star", PAPER, "replacement", _finite(_repeated_unit, unit="abab"), lambda w: _block_targets(w, 4)),
+    Task("counter-2", PAPER, "replacement", _finite(_counter_word, letters="ab"),
+         lambda w: _counter_targets(w, "ab"), bin0_lower=1),
+    Task("counter-3", PAPER, "replacement", _finite(_counter_word, letters="abc"),
+         lambda w: _counter_targets(w, "abc"), bin0_lower=1),
+    Task("shuffle-2", PAPER, "separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()", "[]"), upper)),
+         lambda w: _closer_targets(w, ("()", "[]")), bin_gap=2),
+    Task("dyck-1", PAPER, "separate", _grammar(lambda rng, upper: _dyck_word(rng, ("()",), upper)),
+         lambda w: _closer_targets(w, ("()",)), bin_gap=2),
+    Task("reset_dyck", PAPER, "joint", _grammar(_reset_dyck_word), _reset_dyck_targets),
+    # Group word problems, smallest group first: S3 (6 elements), A4 (12), S4 (24), A5 (60), S5 (120).
+    Task("s3", GROUP_WORD_PROBLEMS, "uniform", _group_sampler(3, False), _group_targets(3, False)),
+    Task("a4", GROUP_WORD_PROBLEMS, "uniform", _group_sampler(4, True), _group_targets(4, True)),
+    Task("s4", GROUP_WORD_PROBLEMS, "uniform", _group_sampler(4, False), _group_targets(4, False)),
+    Task("a5", GROUP_WORD_PROBLEMS, "uniform", _group_sampler(5, True), _group_targets(5, True)),
+    Task("s5", GROUP_WORD_PROBLEMS, "uniform", _group_sampler(5, False), _group_targets(5, False)),
+)}
+
+
+def task_names(family=None):
+    """The registered task names of `family` (all of them for None), in registry order."""
+    return tuple(name for name, task in TASK_REGISTRY.items() if family in (None, task.family))
+
+
+# TASKS: the paper's eight; GROUP_TASKS: the group word problems; ALL_TASKS: everything generate_task can write.
+TASKS, GROUP_TASKS, ALL_TASKS = task_names(PAPER), task_names(GROUP_WORD_PROBLEMS), task_names()
 
 
 def _bin_words(task, rng, bin_index, window=None):
@@ -383,14 +397,14 @@ def generate_task(task, seed=1, bins=1, train_lengths=None, test_lengths=None):
 
     train_lengths / test_lengths, (lower, upper) or None, replace the default windows (see window_error); with
     neither, the files are those of the paper's setting, byte for byte."""
-    if task not in _TASKS:
+    if task not in TASK_REGISTRY:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(ALL_TASKS)}")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
     error = window_error(train_lengths, test_lengths, bins)
     if error:
         raise ValueError(error)
-    spec = _TASKS[task]
+    spec = TASK_REGISTRY[task]
     splits = _split_words(spec, Random(seed), bins, train_lengths and tuple(train_lengths),
                           test_lengths and tuple(test_lengths))
     return {name: ([" ".join(word) for word in words], [" ".join(spec.targets(word)) for word in words])

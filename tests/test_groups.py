@@ -1,4 +1,4 @@
-"""Tests of data.py's group tasks s3, a5 and s5 against an independent reading of their definition.
+"""Tests of data.py's group tasks s3, a4, s4, a5 and s5 against an independent reading of their definition.
 
 An element of S_n is the arrangement (g[0], ..., g[n-1]) of 0..n-1, written as one token of n digits; token g turns
 the state s into s' with s'[i] = s[g[i]], starting from the identity 0..n-1, and the target at each position is
@@ -21,7 +21,8 @@ REPO = Path(data.__file__).resolve().parent
 SPLITS = ("train", "valid", "test", "bin2", "bin3")
 SIZES = {"train": 10000, "valid": 2000, "test": 2000, "bin2": 2000, "bin3": 2000}
 WINDOWS = {"train": (2, 50), "valid": (2, 50), "test": (51, 100), "bin2": (101, 150), "bin3": (151, 200)}
-GROUPS = {"s3": (3, False), "a5": (5, True), "s5": (5, False)}   # task: (n, even permutations only)
+# task: (n, even permutations only)
+GROUPS = {"s3": (3, False), "a4": (4, True), "s4": (4, False), "a5": (5, True), "s5": (5, False)}
 
 
 # ------------------------------------------------------------------------------------ independent oracles
@@ -71,7 +72,7 @@ def read_lines(path):
 
 @pytest.fixture(scope="module")
 def with_bins(tmp_path_factory):
-    """s3, a5 and s5 written by write_task with seed 1 and bins=3 (what `python data.py --task T --out_dir DIR/T
+    """The group tasks written by write_task with seed 1 and bins=3 (what `python data.py --task T --out_dir DIR/T
     --bins 3` writes): the folder holding <task>/."""
     out = tmp_path_factory.mktemp("groups")
     for task in data.GROUP_TASKS:
@@ -85,15 +86,18 @@ def test_oracle_examples():
     assert apply("01234", "10234") == "10234"              # swaps 0 and 1
     assert apply("10234", "12340") == "02341"              # then rotates left
     assert apply("012", "012") == "012"
-    assert len(group_elements("s3")) == 6 and len(group_elements("a5")) == 60 and len(group_elements("s5")) == 120
+    assert {task: len(group_elements(task)) for task in GROUPS} == {"s3": 6, "a4": 12, "s4": 24, "a5": 60, "s5": 120}
     assert is_even("01234") and not is_even("10234") and is_even("12034") and not is_even("1230")
 
 
 def test_task_lists():
-    """TASKS stays the paper's eight (--task all, the scripts' defaults); ALL_TASKS adds the group tasks."""
+    """TASKS stays the paper's eight (--task all, the scripts' defaults); ALL_TASKS adds the group tasks, smallest
+    group first; each list is the registry's entries of one family."""
     assert data.TASKS == ("parity", "aa-star", "abab-star", "counter-2", "counter-3", "shuffle-2", "dyck-1",
                           "reset_dyck")
-    assert data.GROUP_TASKS == ("s3", "a5", "s5") and data.ALL_TASKS == data.TASKS + data.GROUP_TASKS
+    assert data.GROUP_TASKS == ("s3", "a4", "s4", "a5", "s5") and data.ALL_TASKS == data.TASKS + data.GROUP_TASKS
+    assert {data.TASK_REGISTRY[name].family for name in data.TASKS} == {data.PAPER}
+    assert {data.TASK_REGISTRY[name].family for name in data.GROUP_TASKS} == {data.GROUP_WORD_PROBLEMS}
 
 
 @pytest.mark.parametrize("task", data.GROUP_TASKS)
@@ -173,7 +177,7 @@ def test_missing_folder_names_the_group_task(tmp_path):
 
 
 # sha256 of every file of the seed-1 group datasets with three bins, as `sha256sum */*` prints them in a folder DIR
-# written by `for t in s3 a5 s5; do python data.py --task $t --out_dir DIR/$t --bins 3; done` (`sha256sum -c`
+# written by `for t in s3 a4 s4 a5 s5; do python data.py --task $t --out_dir DIR/$t --bins 3; done` (`sha256sum -c`
 # checks such a folder against it): a change of the sampler, the targets or the format must show up here.
 GROUP_SHA256 = Path(__file__).resolve().parent / "fixtures" / "group_data_sha256.txt"
 
