@@ -278,19 +278,25 @@ def load(folder, name, device_type):
     return load_source(f"{name}_{device_type}", source, device_type)
 
 
-def extension_for(folder, name, tensor):
-    """The compiled extension for `tensor`'s device, or None when the reference must be used."""
-    if reference_forced() or tensor.device.type not in ("cpu", "cuda"):
+KERNEL_DEVICES = ("cpu", "cuda")   # the devices an operator may ship a kernel for
+
+
+def extension_for(folder, name, tensor, kernel_devices=KERNEL_DEVICES):
+    """The compiled extension for `tensor`'s device, or None when the reference must be used: forced, or the
+    operator has no kernel for that device (`kernel_devices`, those it ships), or it could not be built."""
+    if reference_forced() or tensor.device.type not in kernel_devices:
         return None
     return load(folder, name, tensor.device.type)
 
 
-def _why_reference(name, device_type):
+def _why_reference(name, device_type, kernel_devices):
     """Why extension_for gave no extension, for operator_paths."""
     if reference_forced():
         return f"{FORCE_REFERENCE_ENV}={os.environ[FORCE_REFERENCE_ENV]}"
-    if device_type not in ("cpu", "cuda"):
+    if device_type not in KERNEL_DEVICES:
         return f"no kernel for {device_type} tensors"
+    if device_type not in kernel_devices:
+        return f"no {device_type.upper()} kernel"
     return _unavailable.get(f"{name}_{device_type}", f"no {device_type.upper()} kernel")
 
 
@@ -390,18 +396,19 @@ def self_check_failure(ext, name, reference, num_differentiable, inputs, num_seq
     return _self_checks[key]
 
 
-def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequences):
+def run_fused(folder, name, reference, num_differentiable, *inputs, num_sequences, kernel_devices=KERNEL_DEVICES):
     """Run an operator through its compiled kernel, or through `reference` when no kernel applies.
 
     The first `num_differentiable` inputs get gradients; the rest (initial states) do not; the first
-    `num_sequences` are shaped (B, H, L, ...). An extension may expose `supports(*inputs)`; when it says False (a
+    `num_sequences` are shaped (B, H, L, ...). `kernel_devices`: the devices whose kernel the operator ships
+    (`<folder>/<name>_cpu.cpp`, `<name>_cuda.cu`); on the others the reference runs without a build or a warning. An extension may expose `supports(*inputs)`; when it says False (a
     dtype or head size the kernel does not handle), the reference runs. So it does when the kernel has failed its
     self-check (self_check_failure). The path taken is recorded under `name` (see operator_paths).
     """
     device_type = inputs[0].device.type
-    ext = extension_for(folder, name, inputs[0])
+    ext = extension_for(folder, name, inputs[0], kernel_devices)
     if ext is None:
-        record_path(name, f"PyTorch reference ({_why_reference(name, device_type)})")
+        record_path(name, f"PyTorch reference ({_why_reference(name, device_type, kernel_devices)})")
         return reference(*inputs)
     if hasattr(ext, "supports") and not ext.supports(*inputs):
         sizes = sorted({t.shape[-1] for t in inputs})

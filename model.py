@@ -1,6 +1,6 @@
 """The seven sequence models of the paper, selected by `--model_type`, and models beyond it: three DeltaNet variants
-(20-22: negative eigenvalues after Grazzi et al., ICLR 2025, and the two halves of that change) and DeltaProduct
-(23-26, Siems et al., 2025).
+(20-22: negative eigenvalues after Grazzi et al., ICLR 2025, and the two halves of that change), DeltaProduct
+(23-26, Siems et al., 2025) and Gated DeltaNet (27, 28; Yang, Kautz & Hatamizadeh, ICLR 2025).
 
 Every model maps a (B, L) LongTensor of token ids to (B, L, out_vocab) logits and is causal: the logits at
 position t depend on tokens 0..t only. The layers work batch-first, (B, L, hidden); the fast-weight operators
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_transformers import fast_weight_sum
-from fast_weight import delta_net_fn, delta_product_fn
+from fast_weight import delta_net_fn, delta_product_fn, gated_delta_net_fn
 from rec_update_fwm_tanh import rec_delta_fn
 from self_ref_v0 import self_ref_v0
 
@@ -307,6 +307,44 @@ class PositiveDeltaProduct2Block(DeltaProductBlock):
     beta_scale = 1.0
 
 
+class GatedDeltaNetBlock(ProjectedFastWeightBlock):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh, ICLR 2025; models 27, 28, beyond the paper): the delta rule with a
+    decay alpha_t in (0, 1) per head and token, W_t = alpha_t (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T.
+    q and k L2-normalised and beta = beta_scale * sigmoid(.), as in model 20 (beta_scale 2: eigenvalues of the
+    transition in (-alpha_t, alpha_t) along k_t, down to -1). The decay comes from one more slice of the projection,
+    a_t, as the authors' code makes it (after Mamba2): alpha_t = exp(-A softplus(a_t + dt_bias)) with A > 0 and
+    dt_bias per head. So log alpha_t is minus a positive rate that A scales per head, and a head can hold its state
+    (alpha_t -> 1 as a_t -> -inf) or clear it (alpha_t -> 0) without a sigmoid's saturation near either end. Mamba2's
+    initialisation: A uniform in [1, 16], softplus(dt_bias) log-uniform in [0.001, 0.1]: alpha_t about 0.2-0.999.
+    The rest of the authors' layer (short convolutions, an output gate and norm) is left out, so that the model
+    differs from model 20 by the decay alone."""
+
+    beta_scale = 1.0
+
+    def __init__(self, hidden_size, num_head, dropout):
+        super().__init__(hidden_size, num_head, dropout)
+        self.A_log = nn.Parameter(torch.empty(num_head).uniform_(1.0, 16.0).log())
+        rate = torch.empty(num_head).uniform_(math.log(1e-3), math.log(0.1)).exp()
+        self.dt_bias = nn.Parameter(rate + torch.log(-torch.expm1(-rate)))  # softplus(dt_bias) = rate
+
+    def head_slices(self, head_dim):
+        return (head_dim, head_dim, head_dim, 1, 1)
+
+    def decay(self, a):
+        """alpha (B, H, L, 1) from the decay slice a (B, H, L, 1)."""
+        per_head = (-1, 1, 1)
+        return torch.exp(-self.A_log.exp().view(per_head) * F.softplus(a + self.dt_bias.view(per_head)))
+
+    def fast_weight(self, q, k, v, beta, a):
+        return gated_delta_net_fn(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
+                                  self.beta_scale * torch.sigmoid(beta), self.decay(a), self.zero_fast_weights(q))
+
+
+class NegativeEigenvalueGatedDeltaNetBlock(GatedDeltaNetBlock):
+    """Model 28: Gated DeltaNet with beta in (0, 2)."""
+    beta_scale = 2.0
+
+
 class RecurrentDeltaBlock(ProjectedFastWeightBlock):
     """Recurrent Delta: raw q, k, v, beta go to the operator, which adds the recurrent terms R_* tanh(out_{t-1})
     and applies softmax/sigmoid itself."""
@@ -448,6 +486,11 @@ MODELS = {spec.id: spec for spec in (
               operator="delta_net_fn", in_paper=False),
     ModelSpec(26, "DeltaProduct n2 [0,1]", "deltaproduct2-pos", FastWeightBuilder(PositiveDeltaProduct2Block),
               operator="delta_net_fn", in_paper=False),
+    # Yang, Kautz & Hatamizadeh (2025)'s Gated DeltaNet: the delta rule with a decay, beta in (0, 1) and (0, 2).
+    ModelSpec(27, "Gated DeltaNet", "gated-deltanet", FastWeightBuilder(GatedDeltaNetBlock),
+              operator="gated_delta_net_fn", in_paper=False),
+    ModelSpec(28, "Gated DeltaNet [-1,1]", "gated-deltanet-neg",
+              FastWeightBuilder(NegativeEigenvalueGatedDeltaNetBlock), operator="gated_delta_net_fn", in_paper=False),
 )}
 
 # Views of the registry, by ID.

@@ -1,10 +1,11 @@
 """The delta update rule (`delta_net_fn`, DeltaNet), fused CPU/CUDA kernels with a reference fallback; DeltaProduct
-(`delta_product_fn`) computed with it."""
+(`delta_product_fn`) computed with it; the gated delta rule (`gated_delta_net_fn`, Gated DeltaNet), a fused CPU
+kernel (on CUDA the reference runs)."""
 import torch.nn.functional as F
 
 from kernel_loader import run_fused
 
-from .reference import delta_net_reference, delta_product_reference
+from .reference import delta_net_reference, delta_product_reference, gated_delta_net_reference
 
 
 def delta_net_fn(q, k, v, beta, W0):
@@ -30,4 +31,15 @@ def delta_product_fn(q, k, v, beta, W0):
     return out.view(batch, heads, length, steps, -1)[:, :, :, -1]
 
 
-__all__ = ["delta_net_fn", "delta_net_reference", "delta_product_fn", "delta_product_reference"]
+def gated_delta_net_fn(q, k, v, beta, alpha, W0):
+    """q, k: (B, H, L, E); v: (B, H, L, M); beta, alpha: (B, H, L, 1); W0: (B, H, E, M) -> (B, H, L, M).
+
+    W_t = alpha_t (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T, out_t = q_t @ W_t (gated_delta_net_reference).
+    Gradients for q, k, v, beta, alpha. FWP_FORCE_REFERENCE=1 selects the PyTorch loop.
+    """
+    return run_fused("fast_weight", "gated_delta_net", gated_delta_net_reference, 5, q, k, v, beta, alpha, W0,
+                     num_sequences=5, kernel_devices=("cpu",))
+
+
+__all__ = ["delta_net_fn", "delta_net_reference", "delta_product_fn", "delta_product_reference",
+           "gated_delta_net_fn", "gated_delta_net_reference"]

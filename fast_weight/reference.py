@@ -35,3 +35,21 @@ def delta_product_reference(q, k, v, beta, W0):
             W = transition @ W + b_tj * k_tj[..., :, None] * v[:, :, t, j, None, :]
         outs.append(torch.einsum("bhe,bhem->bhm", q[:, :, t], W))
     return torch.stack(outs, dim=2)
+
+
+def gated_delta_net_reference(q, k, v, beta, alpha, W0):
+    """The gated delta rule (Gated DeltaNet, Yang, Kautz & Hatamizadeh, ICLR 2025). q, k: (B, H, L, E);
+    v: (B, H, L, M); beta, alpha: (B, H, L, 1); W0: (B, H, E, M). Returns (B, H, L, M).
+
+    W_t = alpha_t (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T;  out_t = q_t @ W_t. That is the delta rule
+    applied to the decayed state alpha_t W_{t-1}, which is how it is written here.
+    """
+    W = W0
+    outs = []
+    for t in range(q.shape[2]):
+        k_t = k[:, :, t]
+        W = alpha[:, :, t, :, None] * W
+        v_old = torch.einsum("bhe,bhem->bhm", k_t, W)
+        W = W + k_t[..., None] * (beta[:, :, t] * (v[:, :, t] - v_old))[:, :, None, :]
+        outs.append(torch.einsum("bhe,bhem->bhm", q[:, :, t], W))
+    return torch.stack(outs, dim=2)
