@@ -341,8 +341,8 @@ def make_optimizer(model, args):
 def batch_loss(model, split, indices, pad):
     """The mean training loss of the lines `indices` of a data.Split, trimmed to the batch's longest line: the
     models are causal, so the padding after it changes nothing."""
-    length = int(split.lengths[indices].max())
-    return sequence_loss(model(split.src[indices, :length]), split.tgt[indices, :length], pad)
+    src, tgt = split.batch(indices)
+    return sequence_loss(model(src), tgt, pad)
 
 
 def update_weights(model, optimizer, clip):
