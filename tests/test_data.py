@@ -418,6 +418,31 @@ def test_a_long_line_costs_its_own_length(tmp_path):
     assert tgt[1].tolist() == [0] * 99999 + [1] and tgt.dtype == torch.long
 
 
+
+PEAK_RSS_LIMIT = 2 << 30
+
+
+def test_peak_memory_of_a_full_train_file_plus_one_very_long_line(tmp_path):
+    """10000 training lines of 2 to 50 tokens plus one of 100000: padded to the longest line, the splits took about
+    16 GB; stored flat they add megabytes to what Python and torch need anyway. Peak RSS of a process that loads
+    them (ru_maxrss, in KiB on Linux)."""
+    rng = Random(0)
+    lines = [" ".join(rng.choice("01") for _ in range(rng.randint(2, 50))) for _ in range(data.TRAIN_SIZE)]
+    lines.append(" ".join("1" for _ in range(100000)))
+    folder = write_dir(tmp_path, {
+        "train_50.src": "".join(line + "\n" for line in lines),
+        "train_50.tgt": "".join(line.replace("1", "b").replace("0", "a") + "\n" for line in lines),
+        "valid_50.src": "0 1\n", "valid_50.tgt": "a b\n", "test_50.src": "1 1 0\n", "test_50.tgt": "b b a\n"})
+    script = ("import resource, sys, data\nloaded = data.load_data(sys.argv[1])\n"
+              "print(len(loaded.splits['train']), int(loaded.splits['train'].lengths.max()),"
+              " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    num_lines, longest, peak_kib = map(int, result.stdout.split())
+    assert (num_lines, longest) == (data.TRAIN_SIZE + 1, 100000)
+    assert peak_kib * 1024 < PEAK_RSS_LIMIT, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+
 @pytest.mark.parametrize("task", data.TASKS)
 def test_loader_round_trip_generated(generated, task):
     loaded = data.load_data(generated / task)
