@@ -464,16 +464,40 @@ def _write_lines(path, lines):
 
 @dataclass
 class Split:
-    """One split as padded id tensors: src and tgt (N, L) share L, the split's longest line."""
-    src: "torch.Tensor"
-    tgt: "torch.Tensor"
+    """One split, stored flat so that a line costs its own length, not the split's longest (docs/data.md#loading).
+
+    Line i is src_ids[offsets[i]:offsets[i] + lengths[i]] (tgt_ids alike), in the smallest integer dtype that
+    holds the vocabulary and its pad id; batch() pads a batch of lines to its own longest one, as int64."""
+    src_ids: "torch.Tensor"
+    tgt_ids: "torch.Tensor"
+    offsets: "torch.Tensor"
     lengths: "torch.Tensor"
+    src_pad: int
+    tgt_pad: int
 
     def __len__(self):
-        return self.src.shape[0]
+        return self.lengths.shape[0]
 
     def __getitem__(self, index):
-        return self.src[index], self.tgt[index], self.lengths[index]
+        """(src, tgt, length) of line `index`, unpadded, src and tgt as int64."""
+        start, length = int(self.offsets[index]), int(self.lengths[index])
+        return (self.src_ids[start:start + length].long(), self.tgt_ids[start:start + length].long(),
+                self.lengths[index])
+
+    def batch(self, indices):
+        """(src, tgt): int64 (B, L) tensors of the lines `indices` (a tensor on the split's device), L their
+        longest length, each line followed by pad ids: what a padded table trimmed to the batch would hold."""
+        import torch
+        lengths = self.lengths[indices]
+        columns = torch.arange(int(lengths.max()), device=lengths.device)
+        mask = columns < lengths[:, None]
+        positions = (self.offsets[indices, None] + columns)[mask]
+        tables = []
+        for ids, pad in ((self.src_ids, self.src_pad), (self.tgt_ids, self.tgt_pad)):
+            table = torch.full(mask.shape, pad, dtype=torch.long, device=lengths.device)
+            table[mask] = ids[positions].long()
+            tables.append(table)
+        return tuple(tables)
 
 
 @dataclass
@@ -554,13 +578,12 @@ def _encode(token_lists, vocab, path, train_path):
     return ids
 
 
-def _padded(flat_ids, lengths, pad, device):
-    """(N, max length) tensor: row i holds the next lengths[i] ids, then pad."""
+def _id_tensor(flat_ids, pad, device):
+    """The ids as a 1-D tensor of the smallest integer dtype that holds 0..pad (int64 only per batch)."""
     import torch
-    mask = torch.arange(int(lengths.max())) < lengths[:, None]
-    table = torch.full(mask.shape, pad, dtype=torch.long)
-    table[mask] = torch.tensor(flat_ids, dtype=torch.long)
-    return table.to(device)
+    dtype = next(dtype for dtype in (torch.uint8, torch.int16, torch.int32, torch.long)
+                 if pad <= torch.iinfo(dtype).max)
+    return torch.tensor(flat_ids, dtype=dtype, device=device)
 
 
 def _split_names(data_dir, level):
@@ -586,8 +609,10 @@ def load_data(data_dir, level=LEVEL, device="cpu"):
         lengths = torch.tensor([len(tokens) for tokens in src_lines], dtype=torch.long)
         src_flat = _encode(src_lines, src_ids, data_dir / f"{name}_{level}.src", data_dir / f"train_{level}.src")
         tgt_flat = _encode(tgt_lines, tgt_ids, data_dir / f"{name}_{level}.tgt", data_dir / f"train_{level}.tgt")
-        splits[name] = Split(_padded(src_flat, lengths, len(src_vocab), device),
-                             _padded(tgt_flat, lengths, len(tgt_vocab), device), lengths.to(device))
+        offsets = torch.cumsum(lengths, 0) - lengths
+        splits[name] = Split(_id_tensor(src_flat, len(src_vocab), device),
+                             _id_tensor(tgt_flat, len(tgt_vocab), device), offsets.to(device), lengths.to(device),
+                             len(src_vocab), len(tgt_vocab))
     return FormalLanguageData(src_vocab, tgt_vocab, splits)
 
 
@@ -595,10 +620,10 @@ def load_data(data_dir, level=LEVEL, device="cpu"):
 
 def _summary(data):
     """Per split: lines, distinct inputs, length range (the summary printed by --check)."""
-    import torch
     rows = [f"src vocab {data.src_vocab} (pad {data.src_pad}); tgt vocab {data.tgt_vocab} (pad {data.tgt_pad})"]
     for name, split in data.splits.items():
-        distinct = len(torch.unique(split.src, dim=0))
+        # A line never holds the pad id, so lines of one split are equal exactly when their bytes are.
+        distinct = len({line.numpy().tobytes() for line in split.src_ids.cpu().split(split.lengths.tolist())})
         rows.append(f"{name}: {len(split)} lines, {distinct} distinct, lengths "
                     f"{int(split.lengths.min())}-{int(split.lengths.max())}")
     return "\n".join(rows)

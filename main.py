@@ -31,10 +31,13 @@ if __name__ == "__main__":
         signal.signal(early_signal, note_early_signal)
 
 import argparse  # noqa: E402 (the handlers above come first)
+import contextlib  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -63,7 +66,7 @@ LATEST_KEYS = ("model", "optimizer", "grads", "progress", "rng")
 BEST_KEYS = ("model", "best")
 # Flags that --resume accepts besides the run directory; every other flag comes from the run's args.json.
 RESUME_OVERRIDABLE = ("num_epoch", "stop_acc", "patience", "device")
-EXIT_USAGE, EXIT_DIVERGED = 2, 1
+EXIT_USAGE, EXIT_DIVERGED, EXIT_OUT_OF_MEMORY = 2, 1, 3
 
 
 class UsageError(Exception):
@@ -72,6 +75,46 @@ class UsageError(Exception):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class OutOfMemory(Exception):
+    """An allocation failed; the message is one line: which memory ran out, where, and what to try."""
+
+
+# Where memory can run out (out_of_memory_in's `where`) and what to try then.
+MEMORY_HINTS = {
+    "while loading data": "the loader needs memory in proportion to the data's tokens (docs/data.md#loading); free "
+                          "memory or use smaller files",
+    "while setting up the model": "try a smaller model (--hidden_size, --num_layer) or free memory",
+    "in a training step": "try a smaller --batch_size (a batch is as long as its longest line) or a smaller model, "
+                          "or free memory",
+    "during evaluation": f"evaluation runs {EVAL_BATCH_SIZE} lines of similar length at a time, so the longest "
+                         f"valid/test lines set its size; try a smaller model or free memory",
+    "during training": "try a smaller --batch_size or a smaller model, or free memory",
+}
+
+
+def memory_that_ran_out(exc):
+    """'GPU' or 'CPU' when `exc` reports a failed allocation, else None."""
+    if isinstance(exc, torch.OutOfMemoryError):  # CUDA's; torch's CPU allocator raises a plain RuntimeError
+        return "GPU"
+    if isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        return "CPU"
+    return None
+
+
+@contextlib.contextmanager
+def out_of_memory_in(where):
+    """Turn a failed allocation inside into OutOfMemory, saying `where` (a key of MEMORY_HINTS)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        memory = memory_that_ran_out(exc)
+        if memory is None:
+            raise
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(exc))
+        detail = f" (allocating {size[1]})" if size else ""
+        raise OutOfMemory(f"out of {memory} memory {where}{detail}: {MEMORY_HINTS[where]}") from None
 
 
 class StopSignal(BaseException):
@@ -339,10 +382,10 @@ def make_optimizer(model, args):
 
 
 def batch_loss(model, split, indices, pad):
-    """The mean training loss of the lines `indices` of a data.Split, trimmed to the batch's longest line: the
+    """The mean training loss of the lines `indices` of a data.Split, padded to the batch's longest line: the
     models are causal, so the padding after it changes nothing."""
-    length = int(split.lengths[indices].max())
-    return sequence_loss(model(split.src[indices, :length]), split.tgt[indices, :length], pad)
+    src, tgt = split.batch(indices)
+    return sequence_loss(model(src), tgt, pad)
 
 
 def update_weights(model, optimizer, clip):
@@ -521,14 +564,15 @@ class Run:
                 self.log(f"Operator {name}: {path}")
 
     def train_batch(self, split, indices, optimizer_step):
-        loss = batch_loss(self.model, split, indices.to(self.device), self.data.tgt_pad)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the training loss is {loss.item()} at epoch {self.progress.epoch + 1}, "
-                                f"step {self.progress.step + 1}")
-        loss.backward()
-        if optimizer_step:
-            update_weights(self.model, self.optimizer, self.args.clip)
-        return loss.item()
+        with out_of_memory_in("in a training step"):
+            loss = batch_loss(self.model, split, indices.to(self.device), self.data.tgt_pad)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the training loss is {loss.item()} at epoch {self.progress.epoch + 1}, "
+                                    f"step {self.progress.step + 1}")
+            loss.backward()
+            if optimizer_step:
+                update_weights(self.model, self.optimizer, self.args.clip)
+            return loss.item()
 
     def evaluate_and_checkpoint(self, end_of_epoch):
         """Evaluate valid and valid2, log them, keep the best model and write latest_model.pt."""
@@ -537,8 +581,9 @@ class Run:
         train_loss = progress.loss_sum / progress.batch  # mean over the epoch's batches so far
         if end_of_epoch:
             progress.epoch, progress.batch, progress.order, progress.loss_sum = epoch, 0, None, 0.0
-        valid = evaluate(self.model, self.data.splits["valid"], self.data.tgt_pad, EVAL_BATCH_SIZE)
-        valid2 = evaluate(self.model, self.data.splits["test"], self.data.tgt_pad, EVAL_BATCH_SIZE)
+        with out_of_memory_in("during evaluation"):
+            valid = evaluate(self.model, self.data.splits["valid"], self.data.tgt_pad, EVAL_BATCH_SIZE)
+            valid2 = evaluate(self.model, self.data.splits["test"], self.data.tgt_pad, EVAL_BATCH_SIZE)
         progress.elapsed_s = self.elapsed()
         where = f"End epoch {epoch}" if end_of_epoch else f"epoch {epoch} / step {batch_index}"
         log(f"[{now()}] {where} =============")
@@ -586,8 +631,9 @@ class Run:
                 self.model.load_state_dict(load_checkpoint(best_path, BEST_KEYS, self.device)["model"])
             except RuntimeError as exc:  # another model's weights
                 raise CheckpointError(f"{best_path}: does not fit this run's model ({first_line(exc)})") from None
-            results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
-                       for name, split in self.data.splits.items() if name != "train"}
+            with out_of_memory_in("during evaluation"):
+                results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
+                           for name, split in self.data.splits.items() if name != "train"}
             final.update(valid_acc=results["valid"].acc, valid2_acc=results["test"].acc,
                          test_acc=results["test"].acc,
                          by_length={name: {str(length): counts for length, counts in result.by_length.items()}
@@ -631,7 +677,8 @@ def prepare(argv):
         run_dir = args.resume
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pt")):
             raise UsageError(f"{run_dir} has no latest_model.pt: nothing to resume")
-    dataset = load_dataset(args, device)
+    with out_of_memory_in("while loading data"):
+        dataset = load_dataset(args, device)
     if not resuming:
         run_dir = new_run_dir(args)
     return args, run_dir, dataset, device, resuming
@@ -643,7 +690,8 @@ def start_run(args, run_dir, dataset, device, resuming):
     args.resume = None  # args.json and wandb's config describe the run, not how it was last started
     finished = resuming and os.path.exists(os.path.join(run_dir, "final.json"))
     try:
-        run = Run(args, run_dir, dataset, device, resuming)
+        with out_of_memory_in("while setting up the model"):
+            run = Run(args, run_dir, dataset, device, resuming)
         if finished and stop_reason(run.progress, args) is not None:
             raise UsageError(f"{run_dir} has already finished (final.json); raise --num_epoch (or --stop_acc, "
                              f"--patience) to train it further")
@@ -683,15 +731,16 @@ def stop_message(run_dir, stop, step, argv):
 def train_and_report(run, argv, resuming):
     """Train, write final.json and return the exit status; a signal leaves a resumable run directory."""
     run.log_header(argv, resuming)
-    exit_code, interrupted = 0, False
+    exit_code, interrupted, out_of_memory = 0, False, None
     try:
         run.log(f"[{now()}] Start training")
-        try:
-            stopped = run.train()
-        except NonFiniteLoss as exc:
-            run.log(f"Stopping: {exc}; reporting the best checkpoint so far.")
-            stopped, exit_code = "non_finite_loss", EXIT_DIVERGED
-        run.finish(stopped)
+        with out_of_memory_in("during training"):  # where no narrower part of the run has said so
+            try:
+                stopped = run.train()
+            except NonFiniteLoss as exc:
+                run.log(f"Stopping: {exc}; reporting the best checkpoint so far.")
+                stopped, exit_code = "non_finite_loss", EXIT_DIVERGED
+            run.finish(stopped)
         if run.signals.received is not None:  # it came during the final evaluation, which was let finish
             run.log(f"{signal.Signals(run.signals.received).name} arrived during the final evaluation: the run "
                     f"finished first (final.json).")
@@ -702,12 +751,31 @@ def train_and_report(run, argv, resuming):
     except CheckpointError as exc:  # a full disk, or a best_model.pt that cannot be opened safely
         print(f"error: {exc}", file=sys.stderr, flush=True)
         exit_code = EXIT_USAGE
+    except OutOfMemory as exc:
+        out_of_memory, exit_code = str(exc), EXIT_OUT_OF_MEMORY
     finally:
         run.finish_wandb(exit_code)
         close_logging()
+    if out_of_memory is not None:
+        return report_out_of_memory(out_of_memory, run.run_dir, resuming)
     if interrupted and not resuming and not os.path.exists(run.path("latest_model.pt")):
         shutil.rmtree(run.run_dir)  # stopped before anything was trained: nothing in it is worth keeping
     return exit_code
+
+
+def report_out_of_memory(message, run_dir, resuming):
+    """Print OutOfMemory's one error line and return its exit status. Called once the exception is gone: its
+    traceback held the frames of what ran out (the loader's token lists and tensors, a step's activations), and
+    collecting them first gives the memory back before anything else is done. A new run directory without a
+    checkpoint is removed; one with latest_model.pt (a resumed run's always) keeps it."""
+    gc.collect()  # a traceback and its frames can form reference cycles
+    close_logging()
+    if run_dir is not None and not resuming and not os.path.exists(os.path.join(run_dir, "latest_model.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif run_dir is not None:
+        message += f"; {run_dir} keeps its latest_model.pt (python main.py --resume {run_dir} continues it)"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_OUT_OF_MEMORY
 
 
 def main(argv=None):
@@ -721,7 +789,7 @@ def main(argv=None):
 
 def set_up_and_train(argv, signals):
     """The run of `argv` and its exit status; a signal before training starts ends it with nothing kept."""
-    run_dir = resuming = None
+    run_dir = resuming = out_of_memory = None
     try:
         signals.stop_if_received()  # noted while Python imported torch and the rest
         args, run_dir, dataset, device, resuming = prepare(argv)
@@ -737,6 +805,10 @@ def set_up_and_train(argv, signals):
             shutil.rmtree(run_dir, ignore_errors=True)
         print(stop_message(run_dir if resuming else None, stop, None, argv), file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except OutOfMemory as exc:
+        out_of_memory = str(exc)
+    if out_of_memory is not None:  # reported outside the `except`: see report_out_of_memory
+        return report_out_of_memory(out_of_memory, run_dir, resuming)
     run.signals = signals
     return train_and_report(run, argv, resuming)
 

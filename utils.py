@@ -57,9 +57,8 @@ def evaluate(model, split, pad, batch_size):
     total_loss, total_tokens = 0.0, 0
     correct_by_length, total_by_length = {}, {}
     for batch in length_sorted_batches(split.lengths, batch_size):
-        batch = batch.to(split.src.device)
-        length = int(split.lengths[batch].max())
-        src, tgt = split.src[batch, :length], split.tgt[batch, :length]
+        batch = batch.to(split.lengths.device)
+        src, tgt = split.batch(batch)
         logits = model(src)
         not_pad = tgt != pad
         total_loss += sequence_loss(logits, tgt, pad, reduction="sum").item()

@@ -36,7 +36,7 @@ TEST_LOWER = 40
 def test_measures(net, split, pad, lower):
     """({n: (correct, total)} over every prefix of length n >= lower of the split's strings, the smallest
     eigenvalue 1 - beta |k|^2 that any delta_net_fn call of the model used at a non-pad position)."""
-    correct = torch.zeros(split.src.shape[1] + 1, dtype=torch.long)
+    correct = torch.zeros(int(split.lengths.max()) + 1, dtype=torch.long)
     total = torch.zeros_like(correct)
     eigenvalues, smallest = [], float("inf")
     operator = model_module.delta_net_fn
@@ -48,8 +48,8 @@ def test_measures(net, split, pad, lower):
     model_module.delta_net_fn = recording
     try:
         for batch in length_sorted_batches(split.lengths, 64):
-            length = int(split.lengths[batch].max())
-            src, tgt = split.src[batch, :length], split.tgt[batch, :length]
+            src, tgt = split.batch(batch)
+            length = src.shape[1]
             right = net(src).argmax(-1) == tgt
             not_pad = tgt != pad
             correct[1:length + 1] += (right & not_pad).sum(0)

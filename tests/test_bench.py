@@ -36,14 +36,14 @@ def test_the_lstm_gate_products_are_added_to_what_the_counter_sees(parity, hidde
     train = dataset.splits["train"]
     indices = torch.arange(8)
     model = lstm_model(dataset, hidden, layers)
-    length = int(train.lengths[indices].max())
+    src, tgt = train.batch(indices)
     counter = FlopCounterMode(display=False)
     with counter:
-        sequence_loss(model(train.src[indices, :length]), train.tgt[indices, :length], dataset.tgt_pad).backward()
+        sequence_loss(model(src), tgt, dataset.tgt_pad).backward()
     lstm = next(m for m in model.modules() if isinstance(m, torch.nn.LSTM))
     widths = [lstm.input_size] + [hidden] * (layers - 1)
     # forward 2 * 4H * (input + H) per token and layer, backward twice that
-    gates = sum(3 * 2 * 4 * hidden * (width + hidden) * len(indices) * length for width in widths)
+    gates = sum(3 * 2 * 4 * hidden * (width + hidden) * src.numel() for width in widths)
 
     assert bench_train.step_flops(model, train, indices, dataset.tgt_pad) == counter.get_total_flops() + gates
     assert all(p.grad is None for p in model.parameters())

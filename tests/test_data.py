@@ -391,17 +391,57 @@ def test_loader_small_round_trip(tmp_path):
     assert loaded.src_pad == 2 and loaded.tgt_pad == 2
     assert list(loaded.splits) == ["train", "valid", "test"]
     train, test = loaded.splits["train"], loaded.splits["test"]
-    assert torch.equal(train.src, torch.tensor([[0, 1, 0], [0, 0, 2]]))
-    assert torch.equal(train.tgt, torch.tensor([[0, 1, 0], [0, 0, 2]]))
-    assert torch.equal(test.src, torch.tensor([[0, 2, 2, 2], [0, 0, 1, 1]]))
-    assert torch.equal(test.tgt, torch.tensor([[0, 2, 2, 2], [0, 0, 0, 1]]))
+    assert [t.tolist() for t in train.batch(torch.arange(2))] == [[[0, 1, 0], [0, 0, 2]], [[0, 1, 0], [0, 0, 2]]]
+    assert [t.tolist() for t in test.batch(torch.arange(2))] == [[[0, 2, 2, 2], [0, 0, 1, 1]],
+                                                                 [[0, 2, 2, 2], [0, 0, 0, 1]]]
+    assert [t.tolist() for t in test.batch(torch.tensor([0]))] == [[[0]], [[0]]]   # trimmed to the batch
     assert torch.equal(test.lengths, torch.tensor([1, 4]))
-    assert loaded.splits["valid"].src.shape == (1, 2) and len(loaded.splits["valid"]) == 1
+    assert len(loaded.splits["valid"]) == 1
+    src, tgt, length = test[0]
+    assert src.tolist() == [0] and tgt.tolist() == [0] and int(length) == 1
     src, tgt, length = test[1]
     assert src.tolist() == [0, 0, 1, 1] and tgt.tolist() == [0, 0, 0, 1] and int(length) == 4
     assert all(t.dtype == torch.long and t.device.type == "cpu" for s in loaded.splits.values()
-               for t in (s.src, s.tgt, s.lengths))
+               for t in (*s.batch(torch.arange(len(s))), s.lengths, *s[0][:2]))
 
+
+def test_a_long_line_costs_its_own_length(tmp_path):
+    """The ids are stored flat, one byte each for a small vocabulary: 100 lines and one of 100000 tokens take
+    about 100000 bytes per side, where a table padded to the longest line would take 8 * 101 * 100000."""
+    files = dict(SMALL, **{"train_50.src": "( )\n" * 100 + "( " * 99999 + ")\n",
+                           "train_50.tgt": "1 0\n" * 100 + "1 " * 99999 + "0\n"})
+    train = data.load_data(write_dir(tmp_path, files)).splits["train"]
+    stored = sum(t.numel() * t.element_size() for t in (train.src_ids, train.tgt_ids, train.offsets, train.lengths))
+    assert stored < 2 * (100200 + 16 * 101)
+    src, tgt = train.batch(torch.tensor([3, 100, 7]))
+    assert src.tolist() == [[0, 1] + [2] * 99998, [0] * 99999 + [1], [0, 1] + [2] * 99998]
+    assert tgt[1].tolist() == [0] * 99999 + [1] and tgt.dtype == torch.long
+
+
+
+PEAK_RSS_LIMIT = 2 << 30
+
+
+def test_peak_memory_of_a_full_train_file_plus_one_very_long_line(tmp_path):
+    """10000 training lines of 2 to 50 tokens plus one of 100000: padded to the longest line, the splits took about
+    16 GB; stored flat they add megabytes to what Python and torch need anyway. Peak RSS of a process that loads
+    them (ru_maxrss, in KiB on Linux)."""
+    rng = Random(0)
+    lines = [" ".join(rng.choice("01") for _ in range(rng.randint(2, 50))) for _ in range(data.TRAIN_SIZE)]
+    lines.append(" ".join("1" for _ in range(100000)))
+    folder = write_dir(tmp_path, {
+        "train_50.src": "".join(line + "\n" for line in lines),
+        "train_50.tgt": "".join(line.replace("1", "b").replace("0", "a") + "\n" for line in lines),
+        "valid_50.src": "0 1\n", "valid_50.tgt": "a b\n", "test_50.src": "1 1 0\n", "test_50.tgt": "b b a\n"})
+    script = ("import resource, sys, data\nloaded = data.load_data(sys.argv[1])\n"
+              "print(len(loaded.splits['train']), int(loaded.splits['train'].lengths.max()),"
+              " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    num_lines, longest, peak_kib = map(int, result.stdout.split())
+    assert (num_lines, longest) == (data.TRAIN_SIZE + 1, 100000)
+    assert peak_kib * 1024 < PEAK_RSS_LIMIT, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
 
 @pytest.mark.parametrize("task", data.TASKS)
 def test_loader_round_trip_generated(generated, task):
@@ -423,7 +463,8 @@ def test_loader_round_trip_generated(generated, task):
             ids = {token: index for index, token in enumerate(vocab)}
             rows[suffix] = [[ids[t] for t in line] + [len(vocab)] * (width - len(line)) for line in lines]
         got = loaded.splits[split]
-        assert torch.equal(got.src, torch.tensor(rows["src"])) and torch.equal(got.tgt, torch.tensor(rows["tgt"]))
+        src, tgt = got.batch(torch.arange(len(got)))
+        assert torch.equal(src, torch.tensor(rows["src"])) and torch.equal(tgt, torch.tensor(rows["tgt"]))
         assert got.lengths.tolist() == [len(line.split(" ")) for line in read_lines(generated / task /
                                                                                     f"{split}_50.src")]
 
@@ -434,7 +475,7 @@ def test_loader_finds_bins_in_order(tmp_path):
     loaded = data.load_data(out)
     assert list(loaded.splits) == ["train", "valid", "test"] + [f"bin{k}" for k in range(2, 12)]
     assert int(loaded.splits["bin11"].lengths.min()) == 552
-    assert loaded.splits["bin2"].src.shape == (25, 150)
+    assert int(loaded.splits["bin2"].lengths.max()) == 150 and len(loaded.splits["bin2"]) == 25
 
 
 def broken(files_change):
@@ -499,7 +540,7 @@ def assert_same_data(a, b):
     assert a.src_vocab == b.src_vocab and a.tgt_vocab == b.tgt_vocab
     assert list(a.splits) == list(b.splits)
     for name in a.splits:
-        for field in ("src", "tgt", "lengths"):
+        for field in ("src_ids", "tgt_ids", "offsets", "lengths"):
             assert torch.equal(getattr(a.splits[name], field), getattr(b.splits[name], field)), (name, field)
 
 

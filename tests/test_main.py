@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -512,6 +513,123 @@ def test_bad_flags_as_processes(bad_flag_dirs, tmp_path):
         out, err = proc.communicate(timeout=600)
         assert_one_error_line(proc.returncode, out, err, tmp_path / case)
 
+
+
+# -- out of memory -----------------------------------------------------------------------------------------------
+
+CPU_ALLOCATOR_FAILURE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 6553600000 bytes. Error code 12 (Cannot allocate memory)")
+ALLOCATION_FAILURES = {  # what torch's CPU allocator, torch's CUDA allocator and Python raise
+    "cpu": (RuntimeError(CPU_ALLOCATOR_FAILURE), "CPU", "6553600000 bytes"),
+    "cuda": (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity "
+                                    "of 79.1 GiB"), "GPU", "20.00 MiB"),
+    "python": (MemoryError(), "CPU", None),
+}
+
+
+def failing_from_call(count, error, real):
+    """`real`, except that its `count`-th call and every later one raise `error`."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= count:
+            raise error
+        return real(*args, **kwargs)
+    return wrapper
+
+
+def out_of_memory_line(code, capsys):
+    """The one error line of an out-of-memory exit."""
+    assert code == main.EXIT_OUT_OF_MEMORY
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: out of "), lines
+    assert "Traceback" not in out + err
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", sorted(ALLOCATION_FAILURES))
+def test_out_of_memory_in_the_first_training_step_leaves_no_run_directory(tmp_path, tiny_data, monkeypatch, capsys,
+                                                                          kind):
+    error, memory, size = ALLOCATION_FAILURES[kind]
+    monkeypatch.setattr(main, "sequence_loss", failing_from_call(1, error, main.sequence_loss))
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    line = out_of_memory_line(code, capsys)
+    assert line.startswith(f"error: out of {memory} memory in a training step") and "--batch_size" in line
+    assert (size in line) if size else "allocating" not in line
+    assert run_dir is None
+
+
+def test_out_of_memory_after_a_checkpoint_keeps_it_for_resume(tmp_path, tiny_data, monkeypatch, capsys):
+    real_loss = main.sequence_loss
+    monkeypatch.setattr(main, "sequence_loss", failing_from_call(3, MemoryError(), real_loss))  # step 1 checkpoints
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    assert f"--resume {run_dir}" in out_of_memory_line(code, capsys)
+    assert (run_dir / "latest_model.pt").exists() and not (run_dir / "final.json").exists()
+    monkeypatch.setattr(main, "sequence_loss", failing_from_call(1, MemoryError(), real_loss))
+    assert "in a training step" in out_of_memory_line(main.main(["--resume", str(run_dir)]), capsys)
+    assert (run_dir / "latest_model.pt").exists()  # a resumed run keeps its checkpoint
+    monkeypatch.setattr(main, "sequence_loss", real_loss)
+    assert main.main(["--resume", str(run_dir)]) == 0 and (run_dir / "final.json").exists()
+
+
+def test_out_of_memory_during_evaluation(tmp_path, tiny_data, monkeypatch, capsys):
+    monkeypatch.setattr(main, "evaluate", failing_from_call(1, RuntimeError(CPU_ALLOCATOR_FAILURE), main.evaluate))
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    assert out_of_memory_line(code, capsys).startswith("error: out of CPU memory during evaluation")
+    assert run_dir is None
+
+
+def test_another_runtime_error_is_not_called_out_of_memory(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(main, "sequence_loss", failing_from_call(1, RuntimeError("shape mismatch"), main.sequence_loss))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_main(tmp_path, tiny_data, *TINY)
+
+
+def test_out_of_memory_while_loading_frees_what_the_loader_held(tmp_path, tiny_data, monkeypatch, capsys):
+    """The exception's traceback holds the loader's frames; the error is reported once they are gone."""
+    held = []
+
+    def loader_runs_out(*args):
+        ids = torch.zeros(1000)  # stands for the loader's big tensors and lists
+        held.append(weakref.ref(ids))
+        raise MemoryError
+
+    class Stderr:  # notes whether the loader's memory is still held when the error line is written
+        def write(self, text):
+            freed.append(held[0]() is None)
+            return real_stderr.write(text)
+
+        def flush(self):
+            real_stderr.flush()
+
+    freed, real_stderr = [], sys.stderr
+    monkeypatch.setattr(data, "_id_tensor", loader_runs_out)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY)
+    monkeypatch.setattr(sys, "stderr", real_stderr)
+    assert out_of_memory_line(code, capsys).startswith("error: out of CPU memory while loading data")
+    assert run_dir is None and freed and all(freed)
+
+
+def test_real_out_of_memory_in_a_process(tmp_path):
+    """The real allocators under an address-space limit: a 100000-token line in a batch of a wide LSTM needs
+    gigabytes (the data itself only about a megabyte)."""
+    data_dir = write_tiny_parity(tmp_path / "data" / "tiny")
+    with open(data_dir / "train_50.src", "a") as src, open(data_dir / "train_50.tgt", "a") as tgt:
+        src.write("0 " * 99999 + "0\n")
+        tgt.write("acc " * 99999 + "acc\n")
+    limit = 2 << 30
+    proc = subprocess.run(
+        [sys.executable, "-c", "import resource, sys, main\n"
+         f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\nsys.exit(main.main(sys.argv[1:]))",
+         "--data_dir", str(data_dir), "--work_dir", str(tmp_path / "runs"), *TINY, "--hidden_size", "512",
+         "--batch_size", "64"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == main.EXIT_OUT_OF_MEMORY, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: out of CPU memory in a training step"), lines
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 # -- wandb -------------------------------------------------------------------------------------------------------
 

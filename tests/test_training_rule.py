@@ -47,11 +47,10 @@ def reference_training(data_dir, flags):
         losses.append([])
         for index, batch in enumerate(batches[epoch * num_batches:(epoch + 1) * num_batches]):
             batch = torch.tensor(batch)
-            length = int(train.lengths[batch].max())
-            logits = model(train.src[batch, :length])
+            src, tgt = train.batch(batch)
+            logits = model(src)
             # Mean over the batch's non-pad target tokens.
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), train.tgt[batch, :length].reshape(-1),
-                                   ignore_index=pad)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=pad)
             loss.backward()  # adds to the gradients of the earlier batches of the group
             losses[-1].append(loss.item())
             # A group is grad_cummulate batches; the last group of an epoch may be shorter.
