@@ -6,7 +6,8 @@
 - How it starts: `main_running` / `run_to_end` start main.py as scripts/train.sh does, its output in `run.log` below
   a header line and its process id in `main.pid` while it runs; `stop_runs` lets running ones save and exit.
 - What it leaves: `run_dirs`, `latest_run_dir`, `read_metrics`, `read_final`, `best_evaluation`, with the score of
-  utils.selection_score (main.py's own choice of the best checkpoint).
+  utils.selection_score (main.py's own choice of the best checkpoint); `run_dir_in_use`, a run directory that a
+  main.py still works on (its utils.RUN_LOCK), which a script leaves alone.
 
 Ray workers get the functions of this module by value (`ship_to_workers`): a worker cannot import it by name.
 """
@@ -31,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import utils  # noqa: E402
 from model import MODELS  # noqa: E402
-from utils import selection_score  # noqa: E402
+from utils import RUN_LOCK, lock_holder, selection_score  # noqa: E402
 
 RUN_LOG = "run.log"
 # Holds the process id of a run's main.py while it runs, beside RUN_LOG, so that an interrupted sweep or search can
@@ -232,6 +233,22 @@ def run_dirs(folder):
         return []
     found = [d for d in folder.iterdir() if (d / "args.json").is_file()]
     return sorted(found, key=lambda d: (d / "args.json").stat().st_mtime)
+
+
+def run_dir_in_use(folder):
+    """(run directory, process id) of a run directory in `folder` that a running main.py holds, else None. main.py
+    refuses a second process on it (exit status 2) before writing anything there; a script does not delete it as
+    stale or start it again, and says who has it."""
+    for run_dir in run_dirs(folder):
+        pid = lock_holder(run_dir / RUN_LOCK)
+        if pid is not None:
+            return run_dir, pid
+    return None
+
+
+def in_use_message(run_dir, pid):
+    return (f"{run_dir} is in use by process {pid} (a main.py started elsewhere); left to it: run the same command "
+            f"again once it has ended")
 
 
 def latest_run_dir(folder):
