@@ -267,19 +267,24 @@ def has_checkpoint(run_dir):
 
 
 def read_metrics(run_dir):
-    """The evaluations in run_dir/metrics.jsonl, oldest first ([] without the file). A line that does not parse is
-    one main.py is still writing: the list ends before it."""
+    """The evaluations in run_dir/metrics.jsonl, oldest first ([] without the file). A last line that does not parse
+    and has no newline yet is one main.py is still writing: left out. Any other line that does not parse is corrupt:
+    reported (file and line number) and skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    lines = text.splitlines()
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except ValueError:
-            break
+        except ValueError as exc:
+            if line_no < len(lines) or text.endswith("\n"):
+                print(f"warning: {path} line {line_no}: not a JSON record, skipped ({exc})", file=sys.stderr,
+                      flush=True)
     return records
 
 
