@@ -2,8 +2,9 @@
 
 Takes the original flags verbatim (plus --device and --resume). Each run gets its own directory
 `<work_dir>/<model>-<task>-<time>-<hash>/` with log.txt, args.json, metrics.jsonl, best_model.pt,
-latest_model.pt and, once finished, final.json. A run with latest_model.pt but no final.json continues exactly
-where its last evaluation left off with `python main.py --resume RUN_DIR`.
+latest_model.pt, main.lock (held by the one main.py working on it) and, once finished, final.json. A run with
+latest_model.pt but no final.json continues exactly where its last evaluation left off with
+`python main.py --resume RUN_DIR`.
 """
 import os
 import signal
@@ -54,9 +55,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 import data  # noqa: E402
 import kernel_loader  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
-from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, cpu_description, epoch_order,  # noqa: E402
-                   evaluate, first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything,
-                   selection_score, sequence_loss, setup_logging, write_text_atomic)
+from utils import (LOGGER_NAME, RUN_LOCK, CheckpointError, LockHeld, capture_rng_state, close_logging,  # noqa: E402
+                   cpu_description, epoch_order, evaluate, first_line, hold_lock, load_checkpoint, restore_rng_state,
+                   save_checkpoint, seed_everything, selection_score, sequence_loss, setup_logging, write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
@@ -310,6 +311,32 @@ def new_run_dir(args):
             raise UsageError(f"--work_dir {args.work_dir}: cannot create a run directory there "
                              f"({exc.strerror})") from None
     raise UsageError(f"could not create a new run directory under {args.work_dir}")
+
+
+class RunDirLock:
+    """Inside `with`: the run directory `take` was given is this process's alone. Two main.py processes on one
+    directory (two resumes, a sweep's and a person's) would append to one metrics.jsonl and log.txt and overwrite
+    each other's checkpoints; the second one is refused before it writes anything there."""
+
+    def __init__(self):
+        self.lock = None
+
+    def take(self, run_dir):
+        try:
+            self.lock = hold_lock(os.path.join(run_dir, RUN_LOCK),
+                                  f"{run_dir}: cannot lock {RUN_LOCK} on this file system; keep other main.py "
+                                  f"processes off this run directory")
+        except LockHeld as held:
+            raise UsageError(f"{run_dir} is in use by another main.py (process {held.pid or 'unknown'}): one process "
+                             f"per run directory; run the command again once it has ended") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def write_args(run_dir, args):
@@ -667,12 +694,15 @@ def code_version(repo=os.path.dirname(os.path.abspath(__file__))):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare(argv):
-    """Flags, device, data and run directory; raises UsageError for anything wrong before training."""
+def prepare(argv, run_dir_lock):
+    """Flags, device, data and run directory, which `run_dir_lock` takes; raises UsageError for anything wrong
+    before training."""
     args = parse_flags(argv)
+    resuming = args.resume is not None
+    if resuming:  # first: everything after may rewrite its files
+        run_dir_lock.take(args.resume)
     check_flags(args)
     device = resolve_device(args.device)
-    resuming = args.resume is not None
     if resuming:
         run_dir = args.resume
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pt")):
@@ -681,6 +711,7 @@ def prepare(argv):
         dataset = load_dataset(args, device)
     if not resuming:
         run_dir = new_run_dir(args)
+        run_dir_lock.take(run_dir)
     return args, run_dir, dataset, device, resuming
 
 
@@ -780,19 +811,19 @@ def report_out_of_memory(message, run_dir, resuming):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    with SignalCatcher() as signals:
+    with SignalCatcher() as signals, RunDirLock() as run_dir_lock:
         try:
-            return set_up_and_train(argv, signals)
+            return set_up_and_train(argv, signals, run_dir_lock)
         except StopSignal as stop:  # a further signal while the first one's stop was being handled: at once
             return 128 + stop.signum
 
 
-def set_up_and_train(argv, signals):
+def set_up_and_train(argv, signals, run_dir_lock):
     """The run of `argv` and its exit status; a signal before training starts ends it with nothing kept."""
     run_dir = resuming = out_of_memory = None
     try:
         signals.stop_if_received()  # noted while Python imported torch and the rest
-        args, run_dir, dataset, device, resuming = prepare(argv)
+        args, run_dir, dataset, device, resuming = prepare(argv, run_dir_lock)
         signals.stop_if_received()
         run = start_run(args, run_dir, dataset, device, resuming)
     except (UsageError, CheckpointError) as exc:

@@ -1,5 +1,6 @@
 """What main.py needs besides the models and the data: evaluation, logging, checkpoints and RNG state."""
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -180,6 +181,56 @@ def write_text_atomic(path, text):
     with open(tmp_path, "w") as f:
         f.write(text)
     os.replace(tmp_path, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder locks: main.py's on its run directory, scripts/tune.py's on its cell
+
+# In a run directory, held by the one main.py working on it for as long as it runs (main.RunDirLock).
+RUN_LOCK = "main.lock"
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `pid` is the process id it wrote into the lock file ('' if not yet)."""
+
+    def __init__(self, path, pid):
+        super().__init__(f"{path} is held by process {pid or '(unknown)'}")
+        self.path, self.pid = path, pid
+
+
+def hold_lock(path, unsupported_warning):
+    """A descriptor holding an exclusive flock on `path` (created if missing), this process's id written in it.
+    The kernel drops the lock when the process ends, however it ends (kill -9 too), so a lock is never stale and
+    the file can stay. LockHeld when another process holds it; on a file system without flock (NFS without lockd,
+    ...) one `warning: <unsupported_warning>` and the unguarded descriptor. A bare descriptor, not a file object:
+    Tune pickles tune.py's cells, and their locks with them."""
+    lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock, 32, 0).decode(errors="replace").strip()
+        os.close(lock)
+        raise LockHeld(path, holder) from None
+    except OSError:  # ENOLCK, EOPNOTSUPP
+        print(f"warning: {unsupported_warning}", file=sys.stderr, flush=True)
+        return lock
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    return lock
+
+
+def lock_holder(path):
+    """The id of the process that holds the flock on `path`, else None (also where /proc/locks cannot be read).
+    Looked up in /proc/locks (`1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF`), never tested by
+    taking the lock: even an instant's hold could refuse a process that starts just then."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            locks = [line.split() for line in f]
+    except OSError:
+        return None
+    return next((int(fields[4]) for fields in locks
+                 if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}")), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 - How it starts: `main_running` / `run_to_end` start main.py as scripts/train.sh does, its output in `run.log` below
   a header line and its process id in `main.pid` while it runs; `stop_runs` lets running ones save and exit.
 - What it leaves: `run_dirs`, `latest_run_dir`, `read_metrics`, `read_final`, `best_evaluation`, with the score of
-  utils.selection_score (main.py's own choice of the best checkpoint).
+  utils.selection_score (main.py's own choice of the best checkpoint); `run_dir_in_use`, a run directory that a
+  main.py still works on (its utils.RUN_LOCK), which a script leaves alone.
 
 Ray workers get the functions of this module by value (`ship_to_workers`): a worker cannot import it by name.
 """
@@ -31,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import utils  # noqa: E402
 from model import MODELS  # noqa: E402
-from utils import selection_score  # noqa: E402
+from utils import RUN_LOCK, lock_holder, selection_score  # noqa: E402
 
 RUN_LOG = "run.log"
 # Holds the process id of a run's main.py while it runs, beside RUN_LOG, so that an interrupted sweep or search can
@@ -234,6 +235,22 @@ def run_dirs(folder):
     return sorted(found, key=lambda d: (d / "args.json").stat().st_mtime)
 
 
+def run_dir_in_use(folder):
+    """(run directory, process id) of a run directory in `folder` that a running main.py holds, else None. main.py
+    refuses a second process on it (exit status 2) before writing anything there; a script does not delete it as
+    stale or start it again, and says who has it."""
+    for run_dir in run_dirs(folder):
+        pid = lock_holder(run_dir / RUN_LOCK)
+        if pid is not None:
+            return run_dir, pid
+    return None
+
+
+def in_use_message(run_dir, pid):
+    return (f"{run_dir} is in use by process {pid} (a main.py started elsewhere); left to it: run the same command "
+            f"again once it has ended")
+
+
 def latest_run_dir(folder):
     """The newest run directory in `folder`, or None."""
     dirs = run_dirs(folder)
@@ -250,19 +267,24 @@ def has_checkpoint(run_dir):
 
 
 def read_metrics(run_dir):
-    """The evaluations in run_dir/metrics.jsonl, oldest first ([] without the file). A line that does not parse is
-    one main.py is still writing: the list ends before it."""
+    """The evaluations in run_dir/metrics.jsonl, oldest first ([] without the file). A last line that does not parse
+    and has no newline yet is one main.py is still writing: left out. Any other line that does not parse is corrupt:
+    reported (file and line number) and skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    lines = text.splitlines()
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except ValueError:
-            break
+        except ValueError as exc:
+            if line_no < len(lines) or text.endswith("\n"):
+                print(f"warning: {path} line {line_no}: not a JSON record, skipped ({exc})", file=sys.stderr,
+                      flush=True)
     return records
 
 

@@ -1,6 +1,7 @@
 """Collect main.py run directories into the paper's table and a length-generalisation plot.
 
-    python scripts/results.py [--runs results/runs] [--search results/search] [--out_dir results]
+    python scripts/results.py                  # the repository's results/: runs, search and paper_budget
+    python scripts/results.py --runs DIR [--search DIR] [--paper_budget DIR] --out_dir OUT_DIR  # those alone
 
 Writes OUT_DIR/table.md (one row per model, one column per task, each cell `Bin0 / Bin1` accuracy of the best
 checkpoint) and OUT_DIR/length_generalization.png (accuracy against string length, one panel per task).
@@ -8,11 +9,17 @@ A run directory is any folder below --runs that holds an args.json. Finished run
 best checkpoint; unfinished ones the best evaluation in their metrics.jsonl so far, marked `*`.
 A cell searched by scripts/tune.py (a search.json below --search) shows the seed-1 run of its best configuration
 instead, with how many of its seeds reach 99 % on Bin1, and OUT_DIR/search.md lists every searched cell.
---searched_csv (default scripts/hparams_searched.csv) gets the chosen configuration of every searched cell in the
+--searched_csv (default OUT_DIR/hparams_searched.csv) gets the chosen configuration of every searched cell in the
 format of scripts/hparams.csv, with the search's epoch cap as num_epoch: `python scripts/sweep.py --csv
-scripts/hparams_searched.csv --work_dir DIR` trains them again.
-Runs below --paper_budget (default results/paper_budget, sweep.py's layout: the disputed cells trained up to 300
-epochs) get a section of table.md beside their 40-epoch search, and their curves OUT_DIR/paper_budget_curves.png.
+OUT_DIR/hparams_searched.csv --work_dir DIR` trains them again.
+Runs below --paper_budget (sweep.py's layout: the disputed cells trained up to 300 epochs) get a section of table.md
+beside their 40-epoch search, and their curves OUT_DIR/paper_budget_curves.png.
+
+Without --runs the inputs are the repository's results/runs, results/search and results/paper_budget (--search
+and --paper_budget name others, `none` for none); with --runs, only the folders the flags name. Nothing is written
+outside OUT_DIR unless a flag names it, but for the default OUT_DIR, the repository's results/: there the csv is
+scripts/hparams_searched.csv and README.md's grid is rewritten (--readme), so that they follow the committed
+results.
 """
 import argparse
 import json
@@ -32,6 +39,7 @@ from utils import selection_score
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "length_generalization.png"
+SEARCHED_CSV = "hparams_searched.csv"
 
 
 @dataclass
@@ -472,21 +480,31 @@ def update_readme_grid(readme, table_text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="root of the run directories")
-    parser.add_argument("--search", default=str(REPO_ROOT / "results" / "search"),
-                        help="root of scripts/tune.py's cells (search.json)")
-    parser.add_argument("--paper_budget", default=str(REPO_ROOT / "results" / "paper_budget"),
-                        help="root of the paper-budget runs (scripts/sweep.py's layout), a section of table.md")
+    parser.add_argument("--runs", help="root of the run directories (default: results/runs)")
+    parser.add_argument("--search", help="root of scripts/tune.py's cells (search.json; default: results/search "
+                                         "without --runs, else none)")
+    parser.add_argument("--paper_budget", help="root of the paper-budget runs (scripts/sweep.py's layout), a section "
+                                               "of table.md (default: results/paper_budget without --runs, else none)")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "results"), help="where table.md and the plot go")
     parser.add_argument("--bucket", type=int, default=10, help="width of the length buckets of the plot")
-    parser.add_argument("--searched_csv", default=str(REPO_ROOT / "scripts" / "hparams_searched.csv"),
-                        help="where the chosen configuration of every searched cell goes (hparams.csv's format)")
+    parser.add_argument("--searched_csv", default=None,
+                        help="where the chosen configuration of every searched cell goes (hparams.csv's format; "
+                             "default: OUT_DIR/hparams_searched.csv, scripts/hparams_searched.csv for the repository's "
+                             "results/)")
     parser.add_argument("--readme", default=None,
                         help="a README whose grid to rewrite (default: the repository's README.md, when --out_dir is "
-                             "the repository's results/)")
+                             "the repository's results/; else none)")
     args = parser.parse_args(argv)
-    if args.readme is None and Path(args.out_dir).resolve() == (REPO_ROOT / "results").resolve():
+    if args.runs is None:  # the repository's results; a table of other runs has only what its flags name
+        args.runs = str(REPO_ROOT / "results" / "runs")
+        args.search = args.search or str(REPO_ROOT / "results" / "search")
+        args.paper_budget = args.paper_budget or str(REPO_ROOT / "results" / "paper_budget")
+    repository_results = Path(args.out_dir).resolve() == (REPO_ROOT / "results").resolve()
+    if args.readme is None and repository_results:
         args.readme = str(REPO_ROOT / "README.md")
+    if args.searched_csv is None:
+        args.searched_csv = str(REPO_ROOT / "scripts" / SEARCHED_CSV if repository_results
+                                else Path(args.out_dir) / SEARCHED_CSV)
     if not Path(args.runs).is_dir():
         print(f"error: no run directory {args.runs}", file=sys.stderr)
         return 2
@@ -494,13 +512,13 @@ def main(argv=None):
         print("error: --bucket must be at least 1", file=sys.stderr)
         return 2
     chosen = choose(collect_runs(args.runs))
-    summaries = chosen_summaries(args.search)
+    summaries = chosen_summaries(args.search) if args.search else []
     searched = collect_search(summaries)
     chosen.update({key: (cell.runs[0], 1) for key, cell in searched.items()})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_text = render_table(chosen, out_dir, searched)
-    budget = collect_paper_budget(args.paper_budget)
+    budget = collect_paper_budget(args.paper_budget) if args.paper_budget else {}
     if budget:
         table_text += "\n".join(render_paper_budget(budget, searched, out_dir)) + "\n"
     (out_dir / TABLE_FILE).write_text(table_text)

@@ -9,6 +9,8 @@ Every configuration owns the folder `<work_dir>/<task>/<model-slug>-seed<seed>/`
 directory inside it, and the run's console output goes to `run.log` there. Re-launching is safe: a
 configuration whose run has final.json is skipped, one with latest_model.pt is resumed, the rest start
 afresh; a folder whose run was started with other flags than the command now gives is an error, not a skip.
+A configuration whose run directory a main.py started elsewhere is working on (another sweep, a person's
+--resume) is left to it and reported as in use; the sweep then exits with status 1.
 With --address, the repository and --work_dir must be at the same paths on every node (a shared file system),
 since runs are launched from there and write there.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import experiment  # first: it puts the repository root on sys.path
 from data import ALL_TASKS, write_task
 from experiment import PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError
+from main import EXIT_USAGE
 from model import MODEL_NAMES, MODEL_SLUGS
 
 # The sweep decides these per configuration; letting --extra change them would break the folder layout.
@@ -176,14 +179,20 @@ def last_line(path):
     return lines[-1] if lines else ""
 
 
+FINISHED, FAILED, IN_USE = "finished", "failed", "in use"
+
+
 def outcome(folder, returncode):
-    """(status text, failed?) for a run that has ended with `returncode`."""
+    """(status text, FINISHED | FAILED | IN_USE) for a run that has ended with `returncode`."""
     finished = [d for d in experiment.run_dirs(folder) if experiment.is_finished(d)]
     if returncode == 0 and finished:
-        return f"finished ({final_accuracies(finished[-1])})", False
+        return f"finished ({final_accuracies(finished[-1])})", FINISHED
+    in_use = experiment.run_dir_in_use(folder)
+    if returncode == EXIT_USAGE and in_use:  # main.py refused: another process took the run directory first
+        return experiment.in_use_message(*in_use), IN_USE
     reason = f"exit {returncode}" if returncode else "no final.json"
     log = folder / RUN_LOG
-    return f"FAILED, {reason}: {last_line(log)} (log: {log})", True
+    return f"FAILED, {reason}: {last_line(log)} (log: {log})", FAILED
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -213,16 +222,25 @@ def stopping_cleanly(own_pid_files, before_stopping=None):
 
 
 class Progress:
-    """One line per configuration as it ends, `[done/total] label: status`, and the labels of those that failed."""
+    """One line per configuration as it ends, `[done/total] label: status`, the labels of those that failed and of
+    those left to another process, and the summary line."""
 
-    def __init__(self, total, done):
-        self.total, self.done, self.failed = total, done, []
+    def __init__(self, total):
+        self.total, self.done = total, 0
+        self.labels = {FINISHED: [], FAILED: [], IN_USE: []}
 
-    def ended(self, config, status, is_failure):
+    def ended(self, config, status, result):
         self.done += 1
         print(f"[{self.done}/{self.total}] {config.label}: {status}", flush=True)
-        if is_failure:
-            self.failed.append(config.label)
+        self.labels[result].append(config.label)
+
+    def summary(self):
+        """The last line and the sweep's exit status: 1 unless every configuration has finished."""
+        failed, in_use = self.labels[FAILED], self.labels[IN_USE]
+        print(f"{self.total - len(failed) - len(in_use)} of {self.total} configurations finished; {len(failed)} "
+              f"failed" + (": " + "; ".join(failed) if failed else "")
+              + (f"; {len(in_use)} in use elsewhere: " + "; ".join(in_use) if in_use else ""), flush=True)
+        return 1 if failed or in_use else 0
 
 
 def pid_files(jobs):
@@ -245,7 +263,7 @@ def launch(ray, jobs, cpus_per_run, progress):
             try:
                 progress.ended(config, *outcome(folder, ray.get(ref)))
             except ray.exceptions.RayError as exc:
-                progress.ended(config, f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", True)
+                progress.ended(config, f"FAILED in Ray: {str(exc).strip().splitlines()[0]}", FAILED)
 
 
 def launch_without_ray(jobs, cpus_per_run, parallel, progress):
@@ -315,10 +333,14 @@ def main(argv=None):
         return 2
     work_dir, data_root = Path(args.work_dir).resolve(), Path(args.data_root).resolve()
 
-    total, done, jobs = len(configs), 0, []
+    progress, jobs = Progress(len(configs)), []
     for config in configs:
         folder = config.folder(work_dir)
         action, run_dir, stale = plan(folder)
+        in_use = action != "skip" and experiment.run_dir_in_use(folder)
+        if in_use:  # neither resumed nor deleted as stale (it may not have reached its first checkpoint yet)
+            progress.ended(config, experiment.in_use_message(*in_use), IN_USE)
+            continue
         differing = run_dir and experiment.differing_flags(run_dir, train_args(config, folder, data_root, extra))
         if differing:  # skipping or resuming it would report, or continue, another configuration than asked
             flags = ", ".join(f"--{flag} {theirs} (now {ours})" for flag, theirs, ours in differing)
@@ -326,9 +348,7 @@ def main(argv=None):
                   f"away", file=sys.stderr)
             return 2
         if action == "skip":
-            done += 1
-            print(f"[{done}/{total}] {config.label}: skipped, finished earlier ({final_accuracies(run_dir)})",
-                  flush=True)
+            progress.ended(config, f"skipped, finished earlier ({final_accuracies(run_dir)})", FINISHED)
             continue
         main_args = (experiment.resume_args(run_dir) if action == "resume"
                      else train_args(config, folder, data_root, extra))
@@ -341,10 +361,11 @@ def main(argv=None):
             shutil.rmtree(d)
         folder.mkdir(parents=True, exist_ok=True)
         jobs.append((config, folder, main_args))
-    if args.dry_run or not jobs:
+    if args.dry_run:
         return 0
+    if not jobs:
+        return progress.summary() if progress.labels[IN_USE] else 0
 
-    progress = Progress(total, done)
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.cpus_per_run)
     try:
         if args.no_ray:
@@ -362,10 +383,7 @@ def main(argv=None):
         print("Interrupted: the running configurations saved their latest checkpoint; run the same command again "
               "to continue.", file=sys.stderr, flush=True)
         return 130
-    failed = progress.failed
-    print(f"{total - len(failed)} of {total} configurations finished; {len(failed)} failed"
-          + (": " + "; ".join(failed) if failed else ""), flush=True)
-    return 1 if failed else 0
+    return progress.summary()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ metrics.jsonl to the scheduler; interrupted ones resume from their latest_model.
 side on overlapping cells: each locks the cells it works on, and skips a cell the other holds.
 """
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -36,9 +35,11 @@ from pathlib import Path
 import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
 from data import ALL_TASKS, TASKS
 from experiment import (PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError, HParams, best_evaluation, evaluation_score,
-                        has_checkpoint, is_finished, latest_run_dir, main_args, main_running, read_metrics, resume_args,
-                        ship_to_workers)
+                        has_checkpoint, in_use_message, is_finished, latest_run_dir, main_args, main_running,
+                        read_metrics, resume_args, run_dir_in_use, ship_to_workers)
+from main import EXIT_USAGE
 from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS
+from utils import LockHeld, hold_lock
 from sweep import import_ray, local_cpus, prepare_data, ray_running, stopping_cleanly, thread_env
 
 LEARNING_RATES = ("3e-4", "1e-3", "3e-3")
@@ -164,6 +165,9 @@ def run_trial(tune_config):
     if (folder / STOPPED_MARKER).is_file() or is_finished(run_dir):
         report_new_evaluations(run_dir)  # ended earlier: replay only
         return
+    in_use = run_dir_in_use(folder)
+    if in_use:  # a main.py outside this search: neither deleted as stale nor started a second time
+        raise RuntimeError(in_use_message(*in_use))
     if run_dir is not None and not has_checkpoint(run_dir):
         shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to resume
         run_dir = None
@@ -176,6 +180,9 @@ def run_trial(tune_config):
             report_new_evaluations(latest_run_dir(folder))
         report_new_evaluations(latest_run_dir(folder))
     if proc.returncode != 0 and not is_finished(latest_run_dir(folder)):
+        in_use = run_dir_in_use(folder)
+        if proc.returncode == EXIT_USAGE and in_use:  # main.py refused: another process took the run directory first
+            raise RuntimeError(in_use_message(*in_use))
         # An error, not a scheduler's stop: Tune records it, and a relaunch resumes the trial.
         raise RuntimeError(f"main.py exited with status {proc.returncode}; see {folder / RUN_LOG}")
 
@@ -305,17 +312,11 @@ class Cell:
         """Whether this driver now has the cell to itself. The kernel drops the lock when the process ends,
         however it ends, so a crashed driver leaves nothing to clean up."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        # A bare descriptor, not a file object: Tune pickles its callbacks, and with them the cells awaiting seeds.
-        lock = os.open(self.folder / CELL_LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
+            self.lock = hold_lock(self.folder / CELL_LOCK, f"{self.label}: cannot lock {CELL_LOCK} on this file "
+                                                           f"system; keep other tune.py commands off this cell")
+        except LockHeld:
             return False
-        except OSError:  # ENOLCK, EOPNOTSUPP: a shared file system without flock (NFS without lockd, ...)
-            print(f"warning: {self.label}: cannot lock {CELL_LOCK} on this file system; "
-                  f"keep other tune.py commands off this cell", flush=True)
-        self.lock = lock
         return True
 
     def release(self):

@@ -94,7 +94,7 @@ def test_run_writes_every_file(tmp_path, capsys):
     assert code == 0
     assert run_dir.name.startswith("lstm-tiny-")
     assert {p.name for p in run_dir.iterdir()} == {"log.txt", "args.json", "metrics.jsonl", "best_model.pt",
-                                                   "latest_model.pt", "final.json"}
+                                                   "latest_model.pt", "final.json", main.RUN_LOCK}
 
     args = json.loads((run_dir / "args.json").read_text())
     assert set(args) == {action.dest for action in main.build_parser()._actions} - {"help"}

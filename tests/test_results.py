@@ -238,3 +238,68 @@ def test_group_tasks_get_a_grid_of_their_own_and_every_model_a_colour(results_di
     assert "| DeltaProduct n2 [-1,1] | 100.0 / 50.0 |" in groups
     assert results.grid_lines(table) == [line for line in languages.splitlines() if line.startswith("|")]
     assert (results_dir / results.PLOT_FILE).stat().st_size > 10_000
+
+
+def write_search_cell(root, task, model_type, learning_rate):
+    """A search.json below `root` that has chosen one trial (no trial folders: hparams_searched.csv needs none)."""
+    name = f"lr{learning_rate}-l1-h8-n1-seed1"
+    summary = {"task": task, "model_type": model_type,
+               "space": {"batch_size": 64, "ff_factor": 4, "epoch_cap": 2},
+               "trials": [{"name": name, "hparams": {"learning_rate": learning_rate, "num_layer": 1, "hidden_size": 8,
+                                                     "n_head": 1}}],
+               "best": name, "seeds": []}
+    folder = root / task / MODEL_SLUGS[model_type]
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def fake_repository(tmp_path, monkeypatch):
+    """results.py's REPO_ROOT as a copy of the repository's outputs: results/{runs,search,paper_budget}, results/
+    table.md, scripts/hparams_searched.csv and README.md, each with something results.py would change."""
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURE_RUNS, repo / "results" / "runs")
+    write_search_cell(repo / "results" / "search", "parity", 0, "1e-3")
+    write_sweep_run(repo / "results" / "paper_budget", "counter-3", 12, 1, [(90.0, 40.0)], stopped="num_epoch")
+    (repo / "results" / "table.md").write_text("the committed table\n")
+    (repo / "scripts").mkdir()
+    (repo / "scripts" / "hparams_searched.csv").write_text("the committed csv\n")
+    (repo / "README.md").write_text(f"{results.README_GRID_START}\n| old grid |\n{results.README_GRID_END}\n")
+    monkeypatch.setattr(results, "REPO_ROOT", repo)
+    return repo
+
+
+def repository_files(repo):
+    return {path: path.read_bytes() for path in sorted(repo.rglob("*")) if path.is_file()}
+
+
+def test_other_folders_make_a_table_of_their_own_and_leave_the_repository_alone(fake_repository, results_dir):
+    write_search_cell(results_dir / "search", "parity", 2, "3e-3")
+    before = repository_files(fake_repository)
+    out_dir = results_dir  # beside the fake repository, not in it
+    assert results.main(["--runs", str(results_dir / "runs"), "--search", str(results_dir / "search"),
+                         "--out_dir", str(out_dir)]) == 0
+    assert repository_files(fake_repository) == before  # no table, csv or README grid written there
+    # Its table has only what the flags name: not the repository's paper-budget runs (no section, no curves).
+    assert (out_dir / "table.md").read_text() == EXPECTED_TABLE
+    assert not (out_dir / results.CURVES_PLOT_FILE).exists()
+    assert list(experiment.read_hparams(out_dir / "hparams_searched.csv")) == [("parity", 2)]
+
+
+def test_without_flags_the_repository_results_are_read_and_its_files_written(fake_repository):
+    assert results.main([]) == 0
+    table = (fake_repository / "results" / "table.md").read_text()
+    assert table.startswith(EXPECTED_TABLE.split("\n\n- Sequence")[0])
+    assert "## The paper's budget" in table and (fake_repository / "results" / results.CURVES_PLOT_FILE).is_file()
+    assert list(experiment.read_hparams(fake_repository / "scripts" / "hparams_searched.csv")) == [("parity", 0)]
+    assert "| old grid |" not in (fake_repository / "README.md").read_text()
+
+
+def test_a_corrupt_metrics_line_is_reported_and_a_line_being_written_is_not(tmp_path, capsys):
+    records = [{"epoch": 1, "valid_acc": 50.0, "valid2_acc": 10.0}, {"epoch": 2, "valid_acc": 60.0, "valid2_acc": 20.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(records[0]) + "\n" + '{"epoch": 2, "valid_a\n' + json.dumps(records[1]) + "\n"
+                    + '{"epoch": 3, "val')
+    assert experiment.read_metrics(tmp_path) == records
+    [warning] = capsys.readouterr().err.splitlines()  # line 4, still being written, is no warning
+    assert warning.startswith(f"warning: {path} line 2: not a JSON record, skipped (Unterminated string")

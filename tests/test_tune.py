@@ -21,6 +21,7 @@ import main  # noqa: E402
 import results  # noqa: E402
 import sweep  # noqa: E402
 import tune  # noqa: E402
+import utils  # noqa: E402
 from test_sweep import write_tiny_parity  # noqa: E402
 
 TINY_SPACE = ["--learning_rates", "1e-3", "3e-3", "--layers", "1", "--widths", "8x1", "--epoch_cap", "2"]
@@ -543,10 +544,10 @@ def test_a_file_system_without_flock_leaves_the_cell_unguarded_not_the_search_st
     def no_flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(tune.fcntl, "flock", no_flock)
+    monkeypatch.setattr(utils.fcntl, "flock", no_flock)
     cell = tune.Cell(tune.parse_args(["--work_dir", str(tmp_path)]), "parity", 2, 1)
     assert cell.claim() and cell.lock is not None
-    assert "warning: parity DeltaNet: cannot lock tune.lock on this file system" in capsys.readouterr().out
+    assert "warning: parity DeltaNet: cannot lock tune.lock on this file system" in capsys.readouterr().err
     cell.release()
 
 
