@@ -163,6 +163,13 @@ def collect_search(summaries):
     return cells
 
 
+def rerun_cost(cells):
+    """(runs, CPU-hours) of rerunning seed 1 of every searched cell (`collect_search`'s cells), as the committed
+    seed-1 runs took: the sum of their training and evaluation time (elapsed_s), one thread each."""
+    seconds = sum(experiment.read_metrics(cell.runs[0].path)[-1]["elapsed_s"] for cell in cells.values())
+    return len(cells), seconds / 3600
+
+
 def chosen_configuration(summary):
     """The experiment.HParams of a search.json's chosen trial, with the search's epoch cap as num_epoch. Summaries
     written before tune.py searched the batch size hold trials without one: they ran at the space's."""
@@ -265,6 +272,9 @@ def cell(entry, searched=None):
     return f"{text} ({searched.seeds_solved}/{searched.seeds_planned}{'' if searched.complete else ', searching'})"
 
 
+GROUP_GRID_HEADING = "## Beyond the paper: group word problems"  # table.md's second grid, below the paper's
+
+
 def render_table(chosen, table_dir, searched=None):
     """table.md; `searched` ({(task, model_type): SearchCell}) marks the cells that come from a search."""
     searched = searched or {}
@@ -277,7 +287,7 @@ def render_table(chosen, table_dir, searched=None):
                                                                              language_rows)]
     if groups:
         group_rows = [m for m in table_models(chosen) if any((t, m) in chosen for t in groups)]
-        lines += ["", "## Beyond the paper: group word problems", "", *grid(chosen, searched, groups, group_rows)]
+        lines += ["", GROUP_GRID_HEADING, "", *grid(chosen, searched, groups, group_rows)]
     lines += ["", "- Sequence-level accuracy in percent, truncated to one decimal. Bin0: validation strings of the "
               "training lengths; Bin1: longer strings (main.py's `valid2`). `-`: not run. The best checkpoint is "
               "the evaluation with the highest mean of Bin0 and Bin1."]
@@ -452,30 +462,44 @@ def plot_length_generalization(chosen, path, bucket):
     return None
 
 
-# README.md shows table.md's grid between these two lines; results.py rewrites it there, so the front page cannot
-# fall behind the table.
+# README.md shows table.md's grids between these pairs of lines: the paper's (table.md's first table) and the group
+# word problems' (its second); results.py rewrites them there, so the front page cannot fall behind the table.
 README_GRID_START = "<!-- the grid of results/table.md, written by scripts/results.py -->"
 README_GRID_END = "<!-- end of the grid -->"
+README_GROUP_GRID_START = "<!-- the group grid of results/table.md, written by scripts/results.py -->"
+README_GROUP_GRID_END = "<!-- end of the group grid -->"
+README_GRIDS = ((README_GRID_START, README_GRID_END, None), (README_GROUP_GRID_START, README_GROUP_GRID_END,
+                                                               GROUP_GRID_HEADING))
 
 
-def grid_lines(table_text):
-    """The first Markdown table of table.md: its header, rule and one row per model."""
+def grid_lines(table_text, heading=None):
+    """The first Markdown table of table.md after the line `heading` (None: from its start): its header, rule and
+    one row per model; [] when there is none (no group task was run, say)."""
     lines = table_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    if heading is not None:
+        if heading not in lines:
+            return []
+        lines = lines[lines.index(heading):]
+    start = next((i for i, line in enumerate(lines) if line.startswith("| ")), None)
+    if start is None:
+        return []
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
 
 
 def update_readme_grid(readme, table_text):
-    """Replaces the grid between README_GRID_START and README_GRID_END in `readme`; False when it has no markers."""
-    text = readme.read_text()
-    if README_GRID_START not in text or README_GRID_END not in text:
-        return False
-    before, rest = text.split(README_GRID_START + "\n", 1)
-    _, after = rest.split(README_GRID_END, 1)
-    readme.write_text(before + README_GRID_START + "\n" + "\n".join(grid_lines(table_text)) + "\n" + README_GRID_END
-                      + after)
-    return True
+    """Replaces each grid between its README_GRIDS markers in `readme`; False when it has none of them."""
+    text, found = readme.read_text(), False
+    for start, end, heading in README_GRIDS:
+        if start not in text or end not in text:
+            continue
+        found = True
+        before, rest = text.split(start + "\n", 1)
+        _, after = rest.split(end, 1)
+        text = before + start + "\n" + "".join(line + "\n" for line in grid_lines(table_text, heading)) + end + after
+    if found:
+        readme.write_text(text)
+    return found
 
 
 def main(argv=None):

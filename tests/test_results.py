@@ -160,8 +160,10 @@ def test_the_readme_grid_is_rewritten_from_the_table_and_the_committed_one_is_cu
     copy.write_text(readme.read_text().replace("| LSTM | 100.0", "| LSTM | 0.0"))
     assert results.update_readme_grid(copy, table)
     assert copy.read_text() == readme.read_text()  # the committed README shows the committed table
-    grid = "\n".join(results.grid_lines(table))
-    assert f"{results.README_GRID_START}\n{grid}\n{results.README_GRID_END}" in readme.read_text()
+    for start, end, heading in results.README_GRIDS:  # the paper's grid and the group grid, each in its place
+        grid = "\n".join(results.grid_lines(table, heading))
+        assert grid and f"{start}\n{grid}\n{end}" in readme.read_text()
+    assert results.grid_lines(table, results.GROUP_GRID_HEADING)[0].startswith("| Model | s3 |")
     (tmp_path / "other.md").write_text("no markers\n")
     assert not results.update_readme_grid(tmp_path / "other.md", table)
 
