@@ -5,13 +5,13 @@ The references run in float64 on the GPU, the kernels in float32; errors are mea
 ||reference|| per output and per gradient.
 """
 import argparse
-import importlib.util
 import warnings
 
 import pytest
 import torch
 
 import kernel_loader
+import model
 from fast_transformers.reference import fast_weight_sum_reference
 from fast_weight.reference import delta_net_reference
 from rec_update_fwm_tanh.reference import rec_delta_reference
@@ -186,27 +186,19 @@ def model_args(model_type):
                               dropout=0.0, emb_size=16, no_embedding=False, remove_pos_enc=True)
 
 
-@pytest.fixture(scope="module")
-def model_module():
-    if importlib.util.find_spec("model") is None:
-        pytest.skip("model.py is not there yet")
-    import model
-    return model
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_models_train_a_few_steps_on_cuda(model_module, model_type, monkeypatch):
+def test_models_train_a_few_steps_on_cuda(model_type, monkeypatch):
     torch.manual_seed(0)
     vocab_in, vocab_out = 5, 4
-    model = model_module.build_model(model_args(model_type), vocab_in, vocab_out).cuda()
+    net = model.build_model(model_args(model_type), vocab_in, vocab_out).cuda()
     src = torch.randint(0, vocab_in - 1, (6, 13), device="cuda")
     tgt = torch.randint(0, vocab_out - 1, (6, 13), device="cuda")
 
     def loss_and_grads():
-        model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(src).reshape(-1, vocab_out), tgt.reshape(-1))
+        net.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(src).reshape(-1, vocab_out), tgt.reshape(-1))
         loss.backward()
-        return loss.item(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        return loss.item(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()]
 
     if model_type in OP_OF_MODEL:  # the kernels give the reference's loss and gradients
         extension(OP_OF_MODEL[model_type])
@@ -222,11 +214,11 @@ def test_models_train_a_few_steps_on_cuda(model_module, model_type, monkeypatch)
         for g, r in zip(grads, ref_grads):
             assert (g - r).norm() <= 1e-4 * r.norm() + 1e-7
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(src).reshape(-1, vocab_out), tgt.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(net(src).reshape(-1, vocab_out), tgt.reshape(-1))
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
