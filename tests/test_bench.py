@@ -1,5 +1,4 @@
 """scripts/bench_train.py: its FLOP count and one short run of the whole benchmark (nothing here is timed)."""
-import argparse
 import sys
 from pathlib import Path
 

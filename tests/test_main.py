@@ -712,7 +712,7 @@ def test_sigint_mid_epoch_checkpoints_that_batch_and_resumes_exactly(tmp_path, t
     assert (progress["step"], progress["epoch"], progress["batch"]) == (9, 1, 3)
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 5, 6, 7]
     out = capsys.readouterr().out
-    assert f"Stopped by SIGINT after step 9" in out and f"python main.py --resume {run_dir}" in out
+    assert "Stopped by SIGINT after step 9" in out and f"python main.py --resume {run_dir}" in out
     monkeypatch.setattr(main.Run, "train_batch", real_train_batch)
     assert main.main(["--resume", str(run_dir)]) == 0
     assert_same_run(run_dir, uninterrupted)
