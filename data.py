@@ -398,7 +398,7 @@ def generate_task(task, seed=1, bins=1, train_lengths=None, test_lengths=None):
     train_lengths / test_lengths, (lower, upper) or None, replace the default windows (see window_error); with
     neither, the files are those of the paper's setting, byte for byte."""
     if task not in TASK_REGISTRY:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(ALL_TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_REGISTRY)}")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
     error = window_error(train_lengths, test_lengths, bins)
@@ -542,7 +542,7 @@ def _read_lines(path, missing_hint):
 
 def _missing_hint(data_dir, level):
     """How to get a missing data file: data.py for level 50; other levels are never generated here."""
-    task = data_dir.name if data_dir.name in ALL_TASKS else "TASK"
+    task = data_dir.name if data_dir.name in TASK_REGISTRY else "TASK"
     if level == LEVEL:
         return f"generate it with `python data.py --task {task} --out_dir {data_dir}`"
     return (f"data.py writes only level-{LEVEL} files (*_{LEVEL}.src/.tgt), so level {level} needs its own "

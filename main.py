@@ -282,7 +282,7 @@ def load_dataset(args, device):
     """The loaded data; a missing directory named after a task is generated first."""
     task = task_name(args.data_dir)
     try:
-        if data.needs_generation(args.data_dir) and task in data.ALL_TASKS:
+        if data.needs_generation(args.data_dir) and task in data.TASK_REGISTRY:
             print(f"{args.data_dir} does not exist: generating the '{task}' dataset there.", flush=True)
             data.write_task(task, args.data_dir)
         return data.load_data(args.data_dir, level=args.level, device=device)
