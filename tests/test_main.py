@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import digests
 import main
 from model import build_model, count_trainable_params
 
@@ -298,6 +299,18 @@ def test_missing_task_directory_is_generated(tmp_path, tasks_generated, capsys, 
     code, _ = run_main(tmp_path, tmp_path / "data" / task, *TINY, "--num_epoch", "1")
     assert code == 0 and tasks_generated == [task]
     assert capsys.readouterr().out.count("generating") == 1
+
+
+def test_generation_of_a_missing_task_writes_the_recorded_bytes(tmp_path):
+    """main.py's own generation (the real data.write_task, with the seed main.py gives it) writes the files the
+    committed results used: any change of that seed would silently train other runs on other data."""
+    data_root = tmp_path / "data"
+    code, _ = run_main(tmp_path, data_root / "aa-star", *TINY, "--num_epoch", "1", "--stop_acc", "-1")
+    assert code == 0
+    written = digests.written(data_root)
+    recorded = digests.recorded(digests.DATA_SHA256)
+    assert written == {name: digest for name, digest in recorded.items() if name in written}
+    assert set(written) == {f"aa-star/{split}_50.{ext}" for split in ("train", "valid", "test") for ext in ("src", "tgt")}
 
 
 # -- resume ------------------------------------------------------------------------------------------------------
