@@ -258,3 +258,64 @@ def test_srwm_two_steps_by_hand(fn):
     expected_dW_y = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
     expected_dW_y[0, 0, 0] = 1.0
     torch.testing.assert_close(dW_y, expected_dW_y)
+
+
+@pytest.mark.parametrize("fn", [REC.fused, rec_delta_reference], ids=["fused", "reference"])
+def test_rec_recurrent_terms_by_hand(fn):
+    """D = 2, L = 2, with the recurrent weights at work: qx = kx = bx = 0, vx_0 = [2 ln 3, 0], vx_1 = [0, 1],
+    R_q = [[0, 2 ln 3], [0, 0]], R_k = [[0, -2 ln 3], [0, 0]], R_v = I, r_b = [2 ln 3, 0], W0 = 0, h0 = 0.
+    t = 0: s = tanh(h0) = 0, so q = k = [1/2, 1/2], beta = 1/2, v = vx_0; u = (1/2)(v - 0) = [ln 3, 0],
+           W = outer(k, u) = [[ln3/2, 0], [ln3/2, 0]], out_0 = q @ W = [ln3/2, 0].
+    t = 1: s = tanh([ln3/2, 0]) = [1/2, 0] (tanh(ln3/2) = (3 - 1)/(3 + 1)). Row vector times R:
+           s @ R_q = [0, ln 3] -> q = [1/4, 3/4]; s @ R_k = [0, -ln 3] -> k = [3/4, 1/4] (R @ s would give 0 and
+           uniform q, k); v = vx_1 + s @ R_v = [1/2, 1]; beta = sigmoid(s . r_b) = sigmoid(ln 3) = 3/4.
+           v_old = k @ W = [ln3/2, 0]; u = (3/4)[(1 - ln 3)/2, 1] = [3(1 - ln 3)/8, 3/4];
+           W rows: [ln3/2 + 9(1 - ln 3)/32, 9/16] and [ln3/2 + 3(1 - ln 3)/32, 3/16];
+           out_1 = (1/4) row 0 + (3/4) row 1 = [(9 + 23 ln 3)/64, 9/32].
+    Gradients of sum(out_0 + out_1): out_0 depends on neither vx_1 nor r_b (s = 0 at t = 0), so
+    d/d vx_1 = (q . k) beta = (3/8)(3/4) = 9/32 per component;
+    d/d r_b = d sum(out_1)/d beta * beta (1 - beta) s = (q . k) sum(v - v_old) (3/16) s
+            = (3/8)((3 - ln 3)/2)(3/16)[1/2, 0] = [9(3 - ln 3)/512, 0]."""
+    ln3 = math.log(3.0)
+    f64 = lambda rows: torch.tensor(rows, dtype=torch.float64)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+    vx = f64([[[[2 * ln3, 0.0], [0.0, 1.0]]]]).requires_grad_()
+    r_b = f64([[[[2 * ln3, 0.0]]]]).requires_grad_()
+    R_q, R_k = f64([[[[0.0, 2 * ln3], [0.0, 0.0]]]]), f64([[[[0.0, -2 * ln3], [0.0, 0.0]]]])
+    R_v = torch.eye(2, dtype=torch.float64).reshape(1, 1, 2, 2)
+    out = fn(zeros(1, 1, 2, 2), zeros(1, 1, 2, 2), vx, zeros(1, 1, 2, 1), R_q, R_k, R_v, r_b, zeros(1, 1, 2, 2),
+             zeros(1, 1, 1, 2))
+    torch.testing.assert_close(out, f64([[[[ln3 / 2, 0.0], [(9 + 23 * ln3) / 64, 9 / 32]]]]))
+    dvx, dr_b = torch.autograd.grad(out.sum(), [vx, r_b])
+    torch.testing.assert_close(dvx[0, 0, 1], f64([9 / 32, 9 / 32]))
+    torch.testing.assert_close(dr_b, f64([[[[9 * (3 - ln3) / 512, 0.0]]]]))
+
+
+@pytest.mark.parametrize("fn", [SRWM.fused, self_ref_v0_reference], ids=["fused", "reference"])
+def test_srwm_keys_gates_and_orientation_by_hand(fn):
+    """D = 4, L = 2, x_0 = e_0, x_1 = e_1, W_y = I; W_q, W_k, w_b zero but W_q[0, 2] = W_k[0, 1] = w_b[0, 0] = ln 3.
+    t = 0: y_0 = x_0 @ W_y = e_0. Row vector times matrix: q = softmax(x_0 @ W_q) = softmax([0, 0, ln 3, 0])
+           = [1/6, 1/6, 1/2, 1/6], k = softmax([0, ln 3, 0, 0]) = [1/6, 1/2, 1/6, 1/6] (W @ x_0 would give
+           uniform ones); b = sigmoid(x_0 @ w_b) = [3/4, 1/2, 1/2, 1/2], b[0] gating W_y.
+           W_y += outer(k, b[0] (q @ W_y - k @ W_y)) = outer(k, (3/4)[0, -1/3, 1/3, 0]) = outer(k, [0, -1/4, 1/4, 0]).
+    t = 1: y_1 = x_1 @ W_y = e_1 + k[1] [0, -1/4, 1/4, 0] = [0, 7/8, 1/8, 0].
+    Gradients of y_1[2] = k[1] b[0] (q[2] - k[2]): only the t = 0 values of q, k, b reach it.
+    d/d w_b[0, 0] = k[1] (q[2] - k[2]) b[0] (1 - b[0]) = (1/2)(1/3)(3/16) = 1/32; every other entry of w_b 0.
+    d/d W_q[0, j] = k[1] b[0] q[2] (delta_2j - q[j]) = (3/16)(delta_2j - q[j]) = [-1/32, -1/32, 3/32, -1/32];
+    rows 1-3 of W_q: 0 (x_0 = e_0)."""
+    ln3 = math.log(3.0)
+    x = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    x[0, 0, 0, 0] = x[0, 0, 1, 1] = 1.0
+    W_y = torch.eye(4, dtype=torch.float64).reshape(1, 1, 4, 4)
+    W_q, W_k, w_b = (torch.zeros(1, 1, 4, 4, dtype=torch.float64) for _ in range(3))
+    W_q[0, 0, 0, 2] = W_k[0, 0, 0, 1] = w_b[0, 0, 0, 0] = ln3
+    W_q.requires_grad_(), w_b.requires_grad_()
+    out = fn(x, W_y, W_q, W_k, w_b)
+    expected = torch.tensor([[[[1.0, 0.0, 0.0, 0.0], [0.0, 7 / 8, 1 / 8, 0.0]]]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected)
+    dW_q, dw_b = torch.autograd.grad(out[0, 0, 1, 2], [W_q, w_b])
+    expected_dW_q, expected_dw_b = torch.zeros(1, 1, 4, 4, dtype=torch.float64), torch.zeros_like(dw_b)
+    expected_dW_q[0, 0, 0] = torch.tensor([-1 / 32, -1 / 32, 3 / 32, -1 / 32])
+    expected_dw_b[0, 0, 0, 0] = 1 / 32
+    torch.testing.assert_close(dW_q, expected_dW_q)
+    torch.testing.assert_close(dw_b, expected_dw_b)
