@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_KERNELS = sorted((source.parent.name, source.name[:-len("_cpu.cpp")]) for source in REPO.glob("*/*_cpu.cpp"))
 BUILDERS = 2
 BUILD = "import sys, kernel_loader\nfor kernel in sys.argv[1:]:\n    kernel_loader.load(*kernel.split(':'), 'cpu')\n"
-KERNEL_TEST_FILES = {"test_deltaproduct.py", "test_gated_delta.py", "test_model.py", "test_neg_eigval.py",
-                     "test_ops_rec_srwm.py", "test_ops_sum_delta.py"}
+KERNEL_TEST_FILES = {"test_deltaproduct.py", "test_gated_delta.py", "test_golden.py", "test_model.py",
+                     "test_neg_eigval.py", "test_ops_rec_srwm.py", "test_ops_sum_delta.py"}
 
 _builders = []
 

@@ -300,11 +300,10 @@ def test_extra_bins(generated, with_bins, task):
 # `python data.py --task all --out_dir DIR --bins 3` (`sha256sum -c` checks such a folder against it). The committed
 # results were trained and evaluated on exactly these bytes: a change of any sampler, target or file format must
 # show up here, not silently in new runs.
-DATA_SHA256 = Path(__file__).resolve().parent / "fixtures" / "data_sha256.txt"
 
 
 def test_generated_files_are_the_bytes_the_committed_results_used(with_bins):
-    assert digests.written(with_bins) == digests.recorded(DATA_SHA256)
+    assert digests.written(with_bins) == digests.recorded(digests.DATA_SHA256)
 
 
 @pytest.mark.parametrize("task", ["parity", "aa-star", "counter-3", "dyck-1"])   # one per construction mode

@@ -14,6 +14,7 @@ import kernel_loader
 import model as model_module
 from fast_weight import delta_net_reference, delta_product_fn, delta_product_reference
 from model import MODELS
+from kernel_paths import fused_checked, fused_only
 from test_model import make_model, random_tokens
 
 
@@ -31,6 +32,11 @@ def path(request, monkeypatch):
         monkeypatch.delenv(kernel_loader.FORCE_REFERENCE_ENV, raising=False)
     kernel_loader.forget_operator_paths()
     return request.param
+
+
+def product_fn(path):
+    """delta_product_fn; on the fused path asserting at each call that the kernel ran (not the fallback)."""
+    return fused_checked(delta_product_fn, "delta_net") if path == "fused" else delta_product_fn
 
 
 def product_inputs(B, H, L, n, E, M, dtype=torch.float64, seed=0, beta_max=2.0):
@@ -81,7 +87,7 @@ def test_interleaved_delta_rule_matches_the_per_token_loop(path, shape, dtype):
     exact_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     grad_out = torch.randn(*shape[:3], shape[5], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = output_and_grads(delta_product_reference, exact_inputs, grad_out)
-    actual = output_and_grads(delta_product_fn, inputs, grad_out.to(dtype))
+    actual = output_and_grads(product_fn(path), inputs, grad_out.to(dtype))
     rel = 1e-10 if dtype == torch.float64 else 2e-4
     for name, a, e in zip(("output", "dq", "dk", "dv", "dbeta"), actual, exact, strict=True):
         err, scale = (a.double() - e).abs().max().item(), max(1.0, e.abs().max().item())
@@ -92,7 +98,7 @@ def test_interleaved_delta_rule_matches_the_per_token_loop(path, shape, dtype):
 
 @pytest.mark.parametrize("shape", [(1, 2, 4, 2, 3, 4), (2, 1, 6, 3, 4, 2), (1, 1, 5, 4, 3, 3)])
 def test_gradcheck(path, shape):
-    assert torch.autograd.gradcheck(delta_product_fn, product_inputs(*shape))
+    assert torch.autograd.gradcheck(product_fn(path), product_inputs(*shape))
 
 
 # -- models 23-26 ------------------------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ def block_inputs_to_operator(block, x):
 
 
 @pytest.mark.parametrize("model_type", sorted(PRODUCT_MODELS))
-def test_the_block_is_the_per_token_loop_on_its_projection(model_type):
+def test_the_block_is_the_per_token_loop_on_its_projection(model_type, monkeypatch):
     """The whole block against the spec: projection split by the stated layout, unit q and keys, beta in the model's
     range, n_h steps per token; outputs and the gradients of every block parameter."""
     steps, beta_scale = PRODUCT_MODELS[model_type]
@@ -132,8 +138,10 @@ def test_the_block_is_the_per_token_loop_on_its_projection(model_type):
                                       beta_scale * torch.sigmoid(beta), block.zero_fast_weights(q))
         return x + block.out_proj(model_module.merge_heads(out))
 
-    actual, expected = block(x), by_the_spec(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    monkeypatch.delenv(kernel_loader.FORCE_REFERENCE_ENV, raising=False)
+    with fused_only("delta_net"):
+        actual = block(x)
+    torch.testing.assert_close(actual, by_the_spec(x), rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(actual)
     params = list(block.parameters())
     for a, e in zip(torch.autograd.grad(actual, params, grad_out), torch.autograd.grad(by_the_spec(x), params, grad_out)):
@@ -172,9 +180,8 @@ def test_more_steps_per_token_mean_a_wider_projection_and_nothing_else():
 
 def test_a_model_trains_a_step_through_the_fused_kernel(monkeypatch):
     monkeypatch.delenv(kernel_loader.FORCE_REFERENCE_ENV, raising=False)
-    kernel_loader.forget_operator_paths()
     net = make_model(24, num_layer=2)
-    loss = net(random_tokens()).logsumexp(-1).mean()
-    loss.backward()
+    with fused_only("delta_net"):
+        loss = net(random_tokens()).logsumexp(-1).mean()
+        loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
-    assert kernel_loader.operator_paths()["delta_net"] == "fused CPU kernel"

@@ -1,5 +1,6 @@
 """main.py end to end on tiny hand-written datasets: run files, resume, errors, NaN handling and wandb."""
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import data
+import digests
 import main
 from model import build_model, count_trainable_params
 
@@ -166,6 +168,23 @@ def test_stops_at_stop_acc(tmp_path, tiny_data):
     assert "epoch 1 / step 0 =============" in log and "End epoch 1 =============" in log
 
 
+def test_stop_acc_is_measured_on_the_selection_score_not_on_valid_alone(tmp_path, tiny_data, monkeypatch):
+    """Valid (Bin0) at 100 %, valid2 (Bin1, the test split) at 0 %: their mean, 50 %, is below --stop_acc 60, so the
+    run goes on to --num_epoch; a run that stopped on valid alone would end at its first evaluation."""
+    real_evaluate = main.evaluate
+
+    def valid_perfect_valid2_wrong(model, split, pad, batch_size):
+        result = real_evaluate(model, split, pad, batch_size)
+        is_valid2 = split.lengths.min() > 8  # tiny_data: valid lines have 2..8 tokens, test (valid2) lines 9..12
+        return dataclasses.replace(result, acc=0.0 if is_valid2 else 100.0)
+
+    monkeypatch.setattr(main, "evaluate", valid_perfect_valid2_wrong)
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--stop_acc", "60")
+    assert code == 0
+    assert json.loads((run_dir / "final.json").read_text())["stopped"] == "num_epoch"
+    assert [m["valid_acc"] for m in read_metrics(run_dir)] == [100.0] * 6  # 2 epochs: batches 0 and 4, and the end
+
+
 # A learning rate too small to change any prediction: every evaluation scores the same, so the best stays the
 # first evaluation that scored above 0 (or none), and --patience ends the run a known number of epochs later.
 FROZEN = TINY + ["--learning_rate", "1e-12", "--stop_acc", "101"]
@@ -299,6 +318,18 @@ def test_missing_task_directory_is_generated(tmp_path, tasks_generated, capsys, 
     code, _ = run_main(tmp_path, tmp_path / "data" / task, *TINY, "--num_epoch", "1")
     assert code == 0 and tasks_generated == [task]
     assert capsys.readouterr().out.count("generating") == 1
+
+
+def test_generation_of_a_missing_task_writes_the_recorded_bytes(tmp_path):
+    """main.py's own generation (the real data.write_task, with the seed main.py gives it) writes the files the
+    committed results used: any change of that seed would silently train other runs on other data."""
+    data_root = tmp_path / "data"
+    code, _ = run_main(tmp_path, data_root / "aa-star", *TINY, "--num_epoch", "1", "--stop_acc", "-1")
+    assert code == 0
+    written = digests.written(data_root)
+    recorded = digests.recorded(digests.DATA_SHA256)
+    assert written == {name: digest for name, digest in recorded.items() if name in written}
+    assert set(written) == {f"aa-star/{split}_50.{ext}" for split in ("train", "valid", "test") for ext in ("src", "tgt")}
 
 
 # -- resume ------------------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ import kernel_loader
 import model as model_module
 from fast_weight import delta_net_fn, delta_net_reference
 from fast_weight.chunked import delta_net_chunked
+from kernel_paths import fused_checked
 from test_model import make_model, random_tokens
 
 BETA_MAX = 1.99
-PATHS = {"fused": delta_net_fn, "chunked": functools.partial(delta_net_chunked, chunk_size=32),
+PATHS = {"fused": fused_checked(delta_net_fn, "delta_net"), "chunked": functools.partial(delta_net_chunked, chunk_size=32),
          "chunked-small": functools.partial(delta_net_chunked, chunk_size=4)}
 
 
@@ -130,7 +131,7 @@ def test_eigenvalue_minus_one_flips_the_state(path, beta_value):
 def test_gradcheck_fused(shape):
     """Exact gradients of the fused kernel in float64 with unit keys and beta in (0, 2) (gradcheck moves k off the
     unit sphere by its small steps; the operator itself takes any k)."""
-    assert torch.autograd.gradcheck(delta_net_fn, unit_key_inputs(*shape))
+    assert torch.autograd.gradcheck(PATHS["fused"], unit_key_inputs(*shape))
 
 
 def test_gradcheck_chunked():

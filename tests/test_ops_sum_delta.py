@@ -10,6 +10,7 @@ from fast_transformers import fast_weight_sum, fast_weight_sum_reference
 from fast_transformers.chunked import fast_weight_sum_chunked
 from fast_weight import delta_net_fn, delta_net_reference
 from fast_weight.chunked import delta_net_chunked
+from kernel_paths import fused_checked
 
 # op name -> (public function, reference, chunk-parallel form, (folder, kernel base name), number of differentiable
 # inputs); a small chunk size makes the chunked forms cross several chunks on the test shapes.
@@ -40,8 +41,9 @@ def built_kernels():
 
 
 def path_function(op, path):
-    fused, reference, chunked, _, _ = OPS[op]
-    return {"fused": fused, "reference": reference, "chunked": chunked}[path]
+    """The function of `path`; "fused" asserts at each call that the kernel ran (not the reference fallback)."""
+    fused, reference, chunked, (_, name), _ = OPS[op]
+    return {"fused": fused_checked(fused, name), "reference": reference, "chunked": chunked}[path]
 
 
 def make_inputs(op, B, H, L, E, M, dtype=torch.float64, seed=0):
@@ -198,6 +200,8 @@ def test_unsupported_dtype_runs_the_reference_with_a_warning(op):
 ISA_CHECK = """
 import sys, torch
 import kernel_loader
+sys.path.insert(0, "tests")
+from kernel_paths import fused_checked
 from fast_transformers import fast_weight_sum, fast_weight_sum_reference
 from fast_weight import delta_net_fn, delta_net_reference
 from rec_update_fwm_tanh import rec_delta_fn, rec_delta_reference
@@ -224,7 +228,7 @@ for op, (fused, reference, folder, name, n) in ops.items():
         for t in ins[:n]:
             t.requires_grad_()
         results = []
-        for fn in (fused, reference):
+        for fn in (fused_checked(fused, name), reference):
             out = fn(*ins)
             results.append([out] + list(torch.autograd.grad(out, ins[:n], torch.ones_like(out))))
         for a, e in zip(*results):

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -293,6 +294,28 @@ def test_a_widened_cell_adds_its_trials_once_the_grid_has_ended_and_runs_them_at
     assert results.around_best_sentence(tune.Cell(args, "parity", 1, 640).summary()["space"]) == ""
     args.around_best = False
     assert [tune.trial_name(h, 1) for h in cell.space] == grid_names
+
+
+def test_the_scheduler_of_a_search_stops_the_trial_with_the_lower_score_at_a_rung(tmp_path, monkeypatch):
+    """The ASHA scheduler Cell.search gives Ray Tune, fed what run_trial reports: at the first rung, of two trials
+    the one with the lower best mean(valid, valid2) stops, the higher one goes on (mode "max" on best_score)."""
+    schedulers_module = pytest.importorskip("ray.tune.schedulers")
+    schedulers = []
+
+    def no_trials(ray_tune, trials, resources, name, storage, scheduler, *rest):
+        schedulers.append(scheduler)
+        return []
+
+    monkeypatch.setattr(tune, "run_tuner", no_trials)
+    args = tune.parse_args(["--work_dir", str(tmp_path), *TINY_SPACE, "--epoch_cap", "20"])
+    tune.Cell(args, "parity", 0, train_lines=640).search(None)
+    (asha,) = schedulers
+    higher, lower = types.SimpleNamespace(trial_id="higher"), types.SimpleNamespace(trial_id="lower")
+    for trial in (higher, lower):
+        asha.on_trial_add(None, trial)
+    rung = {"epochs": tune.ASHA_GRACE_EPOCHS}
+    assert asha.on_trial_result(None, higher, {**rung, "best_score": 90.0}) == schedulers_module.TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, lower, {**rung, "best_score": 10.0}) == schedulers_module.TrialScheduler.STOP
 
 
 def test_the_group_tasks_and_deltaproduct_can_be_searched_on_the_issue_s_smaller_space(tmp_path, capsys):
