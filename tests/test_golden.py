@@ -1,7 +1,7 @@
 """Golden values for every --model_type: the logits and the loss gradient of one training step at seed 1 on a fixed
 input, built through model.build_model as main.py builds a run's model. The numbers are in tests/fixtures:
 golden_paper.json for the paper's seven models, computed by the original repository's model code (on CPU),
-golden_extensions.json for models 20-26, computed by this repository's reference loops; tests/fixtures/README.md
+golden_extensions.json for models 20-28, computed by this repository's reference loops; tests/fixtures/README.md
 says how. Each model with a fast-weight operator is checked twice: through the PyTorch reference and through its
 fused CPU kernel (which must then have run, not the reference fallback)."""
 import argparse
