@@ -35,6 +35,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -116,6 +117,14 @@ class SignalCatcher:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
+    # argparse takes only `-1` and `-1.5` for negative numbers and reads `-1e-3` or `-inf` as an unknown flag
+    # ("expected one argument"): every float literal is a value, so that the range checks report the real problem.
+    NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
     def error(self, message):
         raise UsageError(message)
 

@@ -453,6 +453,8 @@ BAD_FLAGS = {
     "n_head_negative": ["--model_type", "2", "--hidden_size", "16", "--n_head", "-4"],
     "learning_rate_nan": ["--learning_rate", "nan"],
     "learning_rate_negative": ["--learning_rate", "-1"],
+    "learning_rate_negative_exponent": ["--learning_rate", "-1e-3"],
+    "data_dir_is_a_file": ["--data_dir", "{a_file}"],
     "dropout_above_1": ["--dropout", "1.5"],
     "emb_size_0": ["--emb_size", "0"],
     "hidden_size_0": ["--hidden_size", "0"],
@@ -463,6 +465,13 @@ BAD_FLAGS = {
     "work_dir_is_a_file": ["--work_dir", "{a_file}"],
     "work_dir_below_a_file": ["--work_dir", "{a_file}/runs"],
     "generated_data_below_a_file": ["--data_dir", "{a_file}/parity"],
+}
+
+
+# What the error line of some cases must say: the real problem, not what argparse or a missing file made of it.
+BAD_FLAG_ERRORS = {
+    "learning_rate_negative_exponent": "--learning_rate must be a positive finite number, got -0.001",
+    "data_dir_is_a_file": "a_file is a file, not a directory",
 }
 
 
@@ -497,6 +506,7 @@ def test_bad_flag_fails_with_one_line(case, bad_flag_dirs, tmp_path, capsys):
     code = main.main(bad_flag_argv(case, bad_flag_dirs, work))  # an exception here is the traceback a user would see
     out, err = capsys.readouterr()
     assert_one_error_line(code, out, err, work)
+    assert BAD_FLAG_ERRORS.get(case, "") in err
 
 
 # One case of each kind (the parser, a flag check, the data, the run directory) as a shell sees it: the process's
