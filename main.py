@@ -53,8 +53,8 @@ import data  # noqa: E402
 import kernel_loader  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
 from utils import (LOGGER_NAME, CheckpointError, capture_rng_state, close_logging, cpu_description, epoch_order,  # noqa: E402
-                   evaluate, first_line, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything,
-                   selection_score, sequence_loss, setup_logging, write_text_atomic)
+                   evaluate, first_line, load_checkpoint, load_weights, restore_rng_state, save_checkpoint,
+                   seed_everything, selection_score, sequence_loss, setup_logging, write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
@@ -451,8 +451,8 @@ class Run:
     def restore_latest(self):
         path = self.path("latest_model.pt")
         state = load_checkpoint(path, LATEST_KEYS, self.device)
+        load_weights(self.model, state["model"], path)
         try:
-            self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if len(state["grads"]) != len(list(self.model.parameters())):
                 raise ValueError(f"{len(state['grads'])} gradients for {len(list(self.model.parameters()))} "
@@ -591,10 +591,7 @@ class Run:
             log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
                 f"at epoch: {best.epoch} (step {best.step})")
             best_path = self.path("best_model.pt")
-            try:
-                self.model.load_state_dict(load_checkpoint(best_path, BEST_KEYS, self.device)["model"])
-            except RuntimeError as exc:  # another model's weights
-                raise CheckpointError(f"{best_path}: does not fit this run's model ({first_line(exc)})") from None
+            load_weights(self.model, load_checkpoint(best_path, BEST_KEYS, self.device)["model"], best_path)
             results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
                        for name, split in self.data.splits.items() if name != "train"}
             final.update(valid_acc=results["valid"].acc, valid2_acc=results["test"].acc,

@@ -129,10 +129,24 @@ def other_model(state):
     return dict(state, model={"weight": torch.zeros(3)})
 
 
+def wider_model(state):
+    """The weights of the same kind of model at twice the hidden size: torch's own error would name only the
+    class ("Error(s) in loading state_dict for RecurrentModel:")."""
+    return dict(state, model={key: torch.zeros([2 * n for n in value.shape]) for key, value in state["model"].items()})
+
+
+def bare_state_dict(state):
+    """What `torch.save(model.state_dict(), "latest_model.pt")` writes."""
+    return state["model"]
+
+
 @pytest.mark.parametrize("change, words", [
     (old_format, ["earlier main.py", "start the run again"]),
     (missing_grads, ["no grads"]),
-    (other_model, ["does not fit"]),
+    (other_model, ["another model", "RecurrentModel", "missing (first: ", "1 unexpected (first: weight)"]),
+    (wider_model, ["another model", "other shapes (first: ", "in the file", "here)"]),
+    (bare_state_dict, ["bare state_dict", "not a checkpoint of main.py"]),
+    (lambda state: {"epoch": 3, "weights": [1]}, ["not a checkpoint of main.py", "epoch, weights"]),
     (lambda state: torch.zeros(3), ["holds a Tensor"]),
 ])
 def test_a_checkpoint_that_is_not_this_runs_is_one_error_line(tmp_path, finished_run, capsys, change, words):
@@ -146,12 +160,13 @@ def test_a_checkpoint_that_is_not_this_runs_is_one_error_line(tmp_path, finished
     assert snapshot(finished_run) == before
 
 
-def test_a_text_file_as_checkpoint_is_one_error_line(tmp_path, finished_run, capsys):
-    (finished_run / "latest_model.pt").write_text("not a checkpoint\n")
+@pytest.mark.parametrize("text", ["not a checkpoint\n", "0 1 0\n", ""])  # "0 ..." made torch say "pop from empty list"
+def test_a_text_file_as_checkpoint_is_one_error_line(tmp_path, finished_run, capsys, text):
+    (finished_run / "latest_model.pt").write_text(text)
     capsys.readouterr()
     assert main.main(["--resume", str(finished_run), "--num_epoch", "2"]) == 2
     [line] = error_lines(capsys.readouterr().err)
-    assert "not a readable checkpoint" in line
+    assert "not a PyTorch checkpoint" in line and "pop from empty list" not in line, line
 
 
 def test_no_loader_unpickles_in_full():
