@@ -677,7 +677,8 @@ def as_stop_signal(exc):
 def stop_message(run_dir, stop, step, argv):
     """What was kept when signal `stop` ended the run after `step` steps (None: before training), and the command
     that carries on."""
-    when = "before training started" if step is None else f"after step {step}"
+    when = ("before training started" if step is None else "before the first training step" if step == 0
+            else f"after step {step}")
     if run_dir is not None and os.path.exists(os.path.join(run_dir, "latest_model.pt")):
         kept = ("latest_model.pt holds this point" if step is not None and not stop.at_once
                 else "latest_model.pt is the last checkpoint")

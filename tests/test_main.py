@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 
 import data
 import main
-from model import build_model, count_trainable_params
+from model import MODEL_SLUGS, build_model, count_trainable_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -623,6 +624,7 @@ def test_signal_before_the_first_batch_leaves_nothing_to_resume(tmp_path, tiny_d
     assert run_dir is None  # the empty run directory is removed
     out = capsys.readouterr().out
     assert "nothing to resume" in out and f"Start again with: python main.py --data_dir {tiny_data}" in out
+    assert "Stopped by SIGTERM before the first training step" in out and "step 0" not in out
 
 
 @pytest.mark.parametrize("moment", ["while the stop is logged", "while the empty run directory is removed"])
@@ -763,3 +765,10 @@ def test_code_version_ignores_changes_under_results(tmp_path):
     assert main.code_version(str(tmp_path)) == f"git {head} with uncommitted changes"
     outside = tempfile.mkdtemp()  # /tmp: not inside a git checkout
     assert main.code_version(outside) == "unknown (not a git checkout)"
+
+
+def test_the_docs_name_the_run_directory_of_every_model():
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    start = text.index("where `<model>` is one of")
+    named = set(re.findall(r"`([a-z0-9-]+)`", text[start:text.index("`<task>`", start)]))
+    assert named == set(MODEL_SLUGS.values())
