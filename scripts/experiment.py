@@ -15,6 +15,7 @@ import csv
 import ctypes
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -232,6 +233,18 @@ def run_dirs(folder):
         return []
     found = [d for d in folder.iterdir() if (d / "args.json").is_file()]
     return sorted(found, key=lambda d: (d / "args.json").stat().st_mtime)
+
+
+def main_py_error(folder):
+    """The `error:` line main.py wrote (without the prefix) in the last session of folder/run.log, or None: it
+    never wrote one (it was killed, interrupted, or never started)."""
+    try:
+        text = (Path(folder) / RUN_LOG).read_text(errors="replace")
+    except OSError:
+        return None
+    last_session = re.split(r"^==== ", text, flags=re.MULTILINE)[-1]  # main_running's line before each start
+    errors = [line for line in last_session.splitlines() if line.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else None
 
 
 def latest_run_dir(folder):
