@@ -636,7 +636,7 @@ def prepare(argv):
     if resuming:
         run_dir = args.resume
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pt")):
-            raise UsageError(f"{run_dir} has no latest_model.pt: nothing to resume")
+            raise UsageError(no_checkpoint_message(run_dir, args))
     dataset = load_dataset(args, device)
     if not resuming:
         run_dir = new_run_dir(args)
@@ -672,6 +672,18 @@ def as_stop_signal(exc):
     """A KeyboardInterrupt is a Ctrl-C where main() could not install its handlers (main() called from another
     thread than the main one): an immediate SIGINT."""
     return exc if isinstance(exc, StopSignal) else StopSignal(signal.SIGINT, at_once=True)
+
+
+def no_checkpoint_message(run_dir, args):
+    """Why --resume RUN_DIR has nothing to resume, and the command that starts the run again. A lone
+    latest_model.pt.tmp is a first checkpoint whose writing was killed (save_checkpoint renames it when complete)."""
+    why = ("it was killed while writing its first checkpoint (only latest_model.pt.tmp, incomplete)"
+           if os.path.exists(os.path.join(run_dir, "latest_model.pt.tmp")) else "it has no latest_model.pt")
+    flags = []
+    for name, value in vars(args).items():
+        if name != "resume" and value not in (None, False):
+            flags += [f"--{name}"] + ([] if value is True else [str(value)])
+    return f"{run_dir}: nothing to resume, {why}; start the run again with: python main.py {shlex.join(flags)}"
 
 
 def stop_message(run_dir, stop, step, argv):

@@ -169,6 +169,18 @@ def test_a_text_file_as_checkpoint_is_one_error_line(tmp_path, finished_run, cap
     assert "not a PyTorch checkpoint" in line and "pop from empty list" not in line, line
 
 
+def test_a_run_killed_while_writing_its_first_checkpoint_is_not_resumable_and_says_how_to_start_again(
+        tmp_path, finished_run, capsys):
+    for name in ("latest_model.pt", "best_model.pt", "final.json"):
+        (finished_run / name).unlink()
+    (finished_run / "latest_model.pt.tmp").write_bytes(b"PK\x03\x04 half of a zip")
+    capsys.readouterr()
+    assert main.main(["--resume", str(finished_run)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "nothing to resume" in line and "killed while writing its first checkpoint" in line, line
+    assert "start the run again with: python main.py --data_dir " in line, line  # the flags of its args.json
+
+
 def test_no_loader_unpickles_in_full():
     """Every checkpoint load goes through utils.load_checkpoint, which asks for the weights-only unpickler."""
     full_unpickling = "weights_only=" + "False"  # in two parts, so that this file does not match itself
