@@ -31,6 +31,7 @@ if __name__ == "__main__":
         signal.signal(early_signal, note_early_signal)
 
 import argparse  # noqa: E402 (the handlers above come first)
+import glob  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -432,6 +433,12 @@ class Run:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--use_wandb: wandb could not start ({reason}); log in with `wandb login` or set "
                              f"WANDB_MODE=offline") from None
+        if getattr(self.wandb, "offline", False):
+            # wandb cannot append to an offline run: each start (the first, each --resume) writes a folder of its
+            # own, all under the run's id; `wandb sync` of all of them uploads one run.
+            folders = sorted(glob.glob(os.path.join(self.run_dir, "wandb", f"offline-run-*-{self.progress.wandb_id}")))
+            self.log(f"wandb offline run {self.progress.wandb_id}: its records are in {len(folders)} folder(s), one "
+                     f"per start; upload them together with: wandb sync {shlex.join(folders)}")
 
     def finish_wandb(self, exit_code):
         if self.wandb is not None:

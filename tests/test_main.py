@@ -556,6 +556,18 @@ def test_wandb_offline(tmp_path, tiny_data, monkeypatch):
         assert text in events, text
 
 
+def test_a_resumed_offline_wandb_run_names_every_folder_of_the_run(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "1", "--use_wandb")
+    time.sleep(1.1)  # wandb names the folder after the second it starts in (and the id): the resume's is another
+    assert code == 0 and main.main(["--resume", str(run_dir), "--num_epoch", "2"]) == 0
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2  # wandb writes one per start
+    last_line = [line for line in (run_dir / "log.txt").read_text().splitlines() if "wandb sync" in line][-1]
+    assert "2 folder(s)" in last_line and all(str(folder) in last_line for folder in folders), last_line
+
+
 def test_wandb_that_cannot_start_is_one_error_line(tmp_path, tiny_data, monkeypatch, capsys):
     import wandb
 
