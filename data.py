@@ -597,6 +597,9 @@ def load_data(data_dir, level=LEVEL, device="cpu"):
     """Load `{train,valid,test}_{level}` (and every `bin{k}_{level}`) from data_dir; DataError if unusable."""
     import torch   # imported here so that generating data does not pay torch's start-up time
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():  # else each data file is "missing", with a hint that fails
+        raise DataError(f"{data_dir} is a file, not a directory: it must be a folder holding "
+                        f"{{train,valid,test}}_{level}.{{src,tgt}}")
     names = _split_names(data_dir, level)
     pairs = {name: _read_pair(data_dir, name, level) for name in names}
     train_src, train_tgt = pairs["train"]

@@ -2,7 +2,13 @@
 
 Each operator folder ships `<name>_cpu.cpp` and `<name>_cuda.cu`. Both compile to an extension with the same two
 functions, `forward` and `backward`; the folder's dispatcher picks one by device. Extensions are built once with
-ninja and cached in TORCH_EXTENSIONS_DIR (torch's default cache when unset).
+ninja and cached in TORCH_EXTENSIONS_DIR (torch's default cache when unset), as `<name>_<device>_<checkout>`: the
+last part is a hash of this checkout's path, so that two checkouts sharing a cache keep a build each instead of
+rebuilding each other's (ninja rebuilds whenever the folder's build.ninja names other sources). Every build, for
+whatever reason ninja has (first use, an edited source, other flags), prints one line on stderr.
+
+Stopped builds. ninja and its compilers run in a session of their own: when main.py's signal handler abandons a
+build, they are killed with it instead of compiling on, re-parented to init.
 
 Killed builds. torch guards a build with an empty `lock` file in the extension's folder, created with O_EXCL and
 removed when the build ends; a build killed with SIGKILL (OOM killer, job time limit, Ray, Slurm) leaves it behind
@@ -18,9 +24,12 @@ time spent in load() (building, or waiting for another process's build).
 """
 import contextlib
 import functools
+import hashlib
 import os
 import secrets
+import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -38,6 +47,7 @@ FLOCK_NAME = "fwp_build.lock"         # held with flock during a build; the file
 OWNER_NAME = "fwp_build.owner"        # "host pid token" of the builder where flock is unavailable
 STALE_LOCK_SECONDS = 600              # owner file of another host: stale once the folder is idle this long
 _POLL_SECONDS = 0.2
+NINJA_STOP_SECONDS = 1.0              # for ninja to stop its compilers once told to
 
 _paths = {}          # operator name -> {description: None}, in order of first use
 _unavailable = {}    # extension name -> why load() returned None
@@ -228,6 +238,59 @@ def _remove_stale_torch_lock(build_dir, ext_name):
               file=sys.stderr, flush=True)
 
 
+def _run_in_own_session(command, check=False, **kwargs):
+    """subprocess.run(ninja's command) in a new session, stopped with its compilers when the wait is interrupted
+    (main.py's handler raises StopSignal there on SIGTERM or SIGINT). subprocess.run would SIGKILL ninja alone and
+    leave them running: ninja starts each compiler in a process group of its own and kills those groups itself on
+    SIGTERM. Whatever is still in ninja's group after NINJA_STOP_SECONDS is killed."""
+    with subprocess.Popen(command, start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(NINJA_STOP_SECONDS)
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, command, out, err)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+class _BuildSubprocess:
+    """What torch's cpp_extension sees as its `subprocess` module during load_source: the real one, except that
+    ninja is first asked (`ninja -n`, a dry run) whether it has work to do, which `announce()`s the build, and then
+    runs in a session of its own (_run_in_own_session)."""
+
+    def __init__(self, announce):
+        self.announce = announce
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    def run(self, command, **kwargs):
+        if not (isinstance(command, list) and command[:1] == ["ninja"]):
+            return subprocess.run(command, **kwargs)
+        dry_run = subprocess.run(["ninja", "-n"], cwd=kwargs.get("cwd"), env=kwargs.get("env"),
+                                 capture_output=True, text=True)
+        if "no work to do" not in dry_run.stdout:
+            self.announce()
+        if os.name != "posix":  # no sessions to kill
+            return subprocess.run(command, **kwargs)
+        return _run_in_own_session(command, **kwargs)
+
+
+@contextlib.contextmanager
+def _torch_subprocess(replacement):
+    from torch.utils import cpp_extension
+    real, cpp_extension.subprocess = cpp_extension.subprocess, replacement
+    try:
+        yield
+    finally:
+        cpp_extension.subprocess = real
+
+
 def load_source(ext_name, source, device_type):
     """Build (if needed) and import the extension `ext_name` from one source file; None, with one warning, when
     it cannot be built or the cache cannot be used (the reason is kept for operator_paths). Not cached: use load."""
@@ -240,18 +303,20 @@ def load_source(ext_name, source, device_type):
         build_dir = _build_directory(ext_name)
         with _build_lock(build_dir, ext_name):
             _remove_stale_torch_lock(build_dir, ext_name)
-            if not any(f.endswith(".so") or f.endswith(".pyd") for f in os.listdir(build_dir)):
-                print(f"Building the {device_type.upper()} kernel '{ext_name}' (first use only, about a minute)...",
-                      file=sys.stderr, flush=True)
+
+            def announce():
+                print(f"Building the {device_type.upper()} kernel '{ext_name}' in {build_dir} (about a minute; "
+                      f"once per checkout and source change)...", file=sys.stderr, flush=True)
             # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP.
             openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
             # Without -fno-trapping-math GCC may not if-convert the element-wise exp/tanh loops for AVX2 (it will not
             # evaluate a division that the source only reaches on one branch), and they stay scalar. The kernels
             # never read floating-point exception flags, and IEEE rounding is unchanged.
             cflags = ["-O3", "-fno-trapping-math"] + openmp
-            return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=cflags,
-                                      extra_ldflags=openmp, extra_cuda_cflags=["-O3"], build_directory=build_dir,
-                                      verbose=False)
+            with _torch_subprocess(_BuildSubprocess(announce)):
+                return cpp_extension.load(name=ext_name, sources=[source], extra_cflags=cflags,
+                                          extra_ldflags=openmp, extra_cuda_cflags=["-O3"],
+                                          build_directory=build_dir, verbose=False)
     except _CacheUnusable as exc:
         _unavailable[ext_name] = f"kernel cache unusable: {exc}"
         root = _cache_root()
@@ -270,12 +335,20 @@ def load_source(ext_name, source, device_type):
         _build_seconds += time.monotonic() - start
 
 
+CHECKOUT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension_name(name, device_type, checkout=CHECKOUT):
+    """`<name>_<device_type>_<8 hex digits of the checkout's path>`: the extension's name and its cache folder."""
+    return f"{name}_{device_type}_{hashlib.sha1(checkout.encode()).hexdigest()[:8]}"
+
+
 @functools.lru_cache(maxsize=None)
 def load(folder, name, device_type):
     """Build (first use only) and import `<folder>/<name>_<device_type>.{cpp,cu}`; None if it cannot be built."""
     suffix = "cpp" if device_type == "cpu" else "cu"
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder, f"{name}_{device_type}.{suffix}")
-    return load_source(f"{name}_{device_type}", source, device_type)
+    source = os.path.join(CHECKOUT, folder, f"{name}_{device_type}.{suffix}")
+    return load_source(extension_name(name, device_type), source, device_type)
 
 
 KERNEL_DEVICES = ("cpu", "cuda")   # the devices an operator may ship a kernel for
@@ -297,7 +370,7 @@ def _why_reference(name, device_type, kernel_devices):
         return f"no kernel for {device_type} tensors"
     if device_type not in kernel_devices:
         return f"no {device_type.upper()} kernel"
-    return _unavailable.get(f"{name}_{device_type}", f"no {device_type.upper()} kernel")
+    return _unavailable.get(extension_name(name, device_type), f"no {device_type.upper()} kernel")
 
 
 class _FusedOp(torch.autograd.Function):

@@ -34,6 +34,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402 (the handlers above come first)
 import contextlib  # noqa: E402
 import gc  # noqa: E402
+import glob  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -56,8 +57,9 @@ import data  # noqa: E402
 import kernel_loader  # noqa: E402
 from model import MODEL_NAMES, MODEL_SLUGS, build_model, config_error, count_trainable_params  # noqa: E402
 from utils import (LOGGER_NAME, RUN_LOCK, CheckpointError, LockHeld, capture_rng_state, close_logging,  # noqa: E402
-                   cpu_description, epoch_order, evaluate, first_line, hold_lock, load_checkpoint, restore_rng_state,
-                   save_checkpoint, seed_everything, selection_score, sequence_loss, setup_logging, write_text_atomic)
+                   cpu_description, epoch_order, evaluate, first_line, hold_lock, load_checkpoint, load_weights,
+                   restore_rng_state, save_checkpoint, seed_everything, selection_score, sequence_loss, setup_logging,
+                   write_text_atomic)
 
 # The results do not depend on the evaluation batch size. Batches of 64 lines of similar length evaluated the
 # parity splits 20-35 % faster than 256 on one CPU thread (less padding, data in cache).
@@ -160,6 +162,14 @@ class SignalCatcher:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
+    # argparse takes only `-1` and `-1.5` for negative numbers and reads `-1e-3` or `-inf` as an unknown flag
+    # ("expected one argument"): every float literal is a value, so that the range checks report the real problem.
+    NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
     def error(self, message):
         raise UsageError(message)
 
@@ -493,6 +503,12 @@ class Run:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--use_wandb: wandb could not start ({reason}); log in with `wandb login` or set "
                              f"WANDB_MODE=offline") from None
+        if getattr(self.wandb, "offline", False):
+            # wandb cannot append to an offline run: each start (the first, each --resume) writes a folder of its
+            # own, all under the run's id; `wandb sync` of all of them uploads one run.
+            folders = sorted(glob.glob(os.path.join(self.run_dir, "wandb", f"offline-run-*-{self.progress.wandb_id}")))
+            self.log(f"wandb offline run {self.progress.wandb_id}: its records are in {len(folders)} folder(s), one "
+                     f"per start; upload them together with: wandb sync {shlex.join(folders)}")
 
     def finish_wandb(self, exit_code):
         if self.wandb is not None:
@@ -512,8 +528,8 @@ class Run:
     def restore_latest(self):
         path = self.path("latest_model.pt")
         state = load_checkpoint(path, LATEST_KEYS, self.device)
+        load_weights(self.model, state["model"], path)
         try:
-            self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if len(state["grads"]) != len(list(self.model.parameters())):
                 raise ValueError(f"{len(state['grads'])} gradients for {len(list(self.model.parameters()))} "
@@ -654,10 +670,7 @@ class Run:
             log(f"Best validation acc: {best.score:.2f} % [{best.valid_acc:.2f} %, {best.valid2_acc:.2f} %] "
                 f"at epoch: {best.epoch} (step {best.step})")
             best_path = self.path("best_model.pt")
-            try:
-                self.model.load_state_dict(load_checkpoint(best_path, BEST_KEYS, self.device)["model"])
-            except RuntimeError as exc:  # another model's weights
-                raise CheckpointError(f"{best_path}: does not fit this run's model ({first_line(exc)})") from None
+            load_weights(self.model, load_checkpoint(best_path, BEST_KEYS, self.device)["model"], best_path)
             with out_of_memory_in("during evaluation"):
                 results = {name: evaluate(self.model, split, self.data.tgt_pad, EVAL_BATCH_SIZE)
                            for name, split in self.data.splits.items() if name != "train"}
@@ -706,7 +719,7 @@ def prepare(argv, run_dir_lock):
     if resuming:
         run_dir = args.resume
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pt")):
-            raise UsageError(f"{run_dir} has no latest_model.pt: nothing to resume")
+            raise UsageError(no_checkpoint_message(run_dir, args))
     with out_of_memory_in("while loading data"):
         dataset = load_dataset(args, device)
     if not resuming:
@@ -747,10 +760,23 @@ def as_stop_signal(exc):
     return exc if isinstance(exc, StopSignal) else StopSignal(signal.SIGINT, at_once=True)
 
 
+def no_checkpoint_message(run_dir, args):
+    """Why --resume RUN_DIR has nothing to resume, and the command that starts the run again. A lone
+    latest_model.pt.tmp is a first checkpoint whose writing was killed (save_checkpoint renames it when complete)."""
+    why = ("it was killed while writing its first checkpoint (only latest_model.pt.tmp, incomplete)"
+           if os.path.exists(os.path.join(run_dir, "latest_model.pt.tmp")) else "it has no latest_model.pt")
+    flags = []
+    for name, value in vars(args).items():
+        if name != "resume" and value not in (None, False):
+            flags += [f"--{name}"] + ([] if value is True else [str(value)])
+    return f"{run_dir}: nothing to resume, {why}; start the run again with: python main.py {shlex.join(flags)}"
+
+
 def stop_message(run_dir, stop, step, argv):
     """What was kept when signal `stop` ended the run after `step` steps (None: before training), and the command
     that carries on."""
-    when = "before training started" if step is None else f"after step {step}"
+    when = ("before training started" if step is None else "before the first training step" if step == 0
+            else f"after step {step}")
     if run_dir is not None and os.path.exists(os.path.join(run_dir, "latest_model.pt")):
         kept = ("latest_model.pt holds this point" if step is not None and not stop.at_once
                 else "latest_model.pt is the last checkpoint")
@@ -845,4 +871,11 @@ def set_up_and_train(argv, signals, run_dir_lock):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status >= 128:
+        # Stopped by a signal, with everything written and closed: skip the interpreter's teardown of torch's
+        # modules, which takes seconds of CPU on a busy machine while a scheduler's grace period runs out.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

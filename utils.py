@@ -145,6 +145,9 @@ def load_checkpoint(path, required=(), device="cpu"):
     """A checkpoint of main.py, read by torch's weights-only unpickler only: tensors and plain containers, never an
     object whose unpickling could run code, so a run directory from anyone is safe to open. CheckpointError when
     the file is missing, unreadable, truncated, needs more than that unpickler allows, or lacks a `required` key."""
+    not_torch = not_a_torch_file(path)
+    if not_torch:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({not_torch})")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -167,6 +170,12 @@ def load_checkpoint(path, required=(), device="cpu"):
                               f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint of main.py (it holds a {type(state).__name__})")
+    if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(f"{path}: not a checkpoint of main.py: it holds a bare state_dict ({len(state)} "
+                              f"tensors, as torch.save(model.state_dict()) writes), without the training state")
+    if "format" not in state and "model" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of main.py (a dict with the keys "
+                              f"{', '.join(map(str, list(state)[:5]))}{', ...' if len(state) > 5 else ''})")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: written by an earlier main.py (checkpoint format {state.get('format', 1)}, "
                               f"this one reads {CHECKPOINT_FORMAT}); start the run again")
@@ -174,6 +183,48 @@ def load_checkpoint(path, required=(), device="cpu"):
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of main.py (no {', '.join(missing)})")
     return state
+
+
+def not_a_torch_file(path):
+    """Why `path` cannot be a torch.save file (a zip archive, or a pickle for torch < 1.6), or None. Said before
+    torch's unpickler gives its own guess at a text file ("pop from empty list", "Unsupported operand 110")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None  # torch.load reports it
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    try:
+        return f"a text file beginning {head.decode().splitlines()[0][:30]!r}"
+    except (UnicodeDecodeError, IndexError):
+        return "neither a zip archive nor a pickle"
+
+
+def load_weights(model, weights, path):
+    """Load a checkpoint's model weights into `model`; CheckpointError saying how they differ when they are another
+    model's (torch's own error names only this model's class)."""
+    own = model.state_dict()
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its 'model' is a {type(weights).__name__}, not a state_dict")
+    missing = [key for key in own if key not in weights]
+    unexpected = [key for key in weights if key not in own]
+    reshaped = [key for key in own if key in weights and getattr(weights[key], "shape", None) != own[key].shape]
+    differences = []
+    if missing:
+        differences.append(f"{len(missing)} of this model's {len(own)} tensors missing (first: {missing[0]})")
+    if unexpected:
+        differences.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        differences.append(f"{len(reshaped)} of other shapes (first: {key}, "
+                           f"{tuple(getattr(weights[key], 'shape', ()))} in the file, {tuple(own[key].shape)} here)")
+    if differences:
+        raise CheckpointError(f"{path}: holds the weights of another model than this run's "
+                              f"{type(model).__name__}: {'; '.join(differences)}")
+    model.load_state_dict(weights)
 
 
 def write_text_atomic(path, text):

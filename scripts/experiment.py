@@ -16,6 +16,7 @@ import csv
 import ctypes
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -249,6 +250,18 @@ def run_dir_in_use(folder):
 def in_use_message(run_dir, pid):
     return (f"{run_dir} is in use by process {pid} (a main.py started elsewhere); left to it: run the same command "
             f"again once it has ended")
+
+
+def main_py_error(folder):
+    """The `error:` line main.py wrote (without the prefix) in the last session of folder/run.log, or None: it
+    never wrote one (it was killed, interrupted, or never started)."""
+    try:
+        text = (Path(folder) / RUN_LOG).read_text(errors="replace")
+    except OSError:
+        return None
+    last_session = re.split(r"^==== ", text, flags=re.MULTILINE)[-1]  # main_running's line before each start
+    errors = [line for line in last_session.splitlines() if line.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else None
 
 
 def latest_run_dir(folder):

@@ -87,7 +87,8 @@ build_one() {  # folder name: builds <folder>/<name>_cuda.cu through kernel_load
     else
         echo "FAILED to build $2_cuda after $((SECONDS - start)) s:"
         cat "$workdir/build_$2.txt"
-        ninja -C "$TORCH_EXTENSIONS_DIR/$2_cuda" -v 2>&1 | tail -60  # the compiler's own messages
+        ninja -C "$TORCH_EXTENSIONS_DIR/$("$PYTHON" -c "import kernel_loader; print(kernel_loader.extension_name('$2', 'cuda'))")" \
+            -v 2>&1 | tail -60  # the compiler's own messages
         return 1
     fi
 }

@@ -27,7 +27,7 @@ import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
 import data
 import model as model_module
 from model import MODEL_NAMES, build_model
-from utils import CheckpointError, length_sorted_batches, load_checkpoint
+from utils import CheckpointError, length_sorted_batches, load_checkpoint, load_weights
 
 TEST_LOWER = 40
 
@@ -68,7 +68,7 @@ def checkpoint_measures(run_dir):
     weights = load_checkpoint(run_dir / "best_model.pt", ("model",))["model"]
     dataset = data.load_data(args.data_dir, args.level)
     net = build_model(args, len(dataset.src_vocab) + 1, len(dataset.tgt_vocab) + 1)
-    net.load_state_dict(weights)
+    load_weights(net, weights, run_dir / "best_model.pt")
     net.eval()
     counts, smallest = test_measures(net, dataset.splits["test"], dataset.tgt_pad, TEST_LOWER)
     p = sum(c / t for c, t in counts.values()) / len(counts)

@@ -314,6 +314,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def make_folders(jobs, stale_dirs):
+    """The jobs' configuration folders, without the run directories in `stale_dirs`: those of runs that died before
+    their first checkpoint, which cannot be resumed (their console output stays in run.log)."""
+    for run_dir in stale_dirs:
+        shutil.rmtree(run_dir)
+    for _, folder, _ in jobs:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -333,7 +342,7 @@ def main(argv=None):
         return 2
     work_dir, data_root = Path(args.work_dir).resolve(), Path(args.data_root).resolve()
 
-    progress, jobs = Progress(len(configs)), []
+    progress, jobs, stale_dirs = Progress(len(configs)), [], []
     for config in configs:
         folder = config.folder(work_dir)
         action, run_dir, stale = plan(folder)
@@ -356,11 +365,8 @@ def main(argv=None):
             env = " ".join(f"{k}={v}" for k, v in thread_env(args.cpus_per_run).items())
             print(f"{config.label}: {env} {shlex.join(experiment.main_command(main_args))}")
             continue
-        # A run that died before its first checkpoint cannot be resumed; its console output stays in run.log.
-        for d in stale:
-            shutil.rmtree(d)
-        folder.mkdir(parents=True, exist_ok=True)
         jobs.append((config, folder, main_args))
+        stale_dirs += stale
     if args.dry_run:
         return 0
     if not jobs:
@@ -369,11 +375,13 @@ def main(argv=None):
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.cpus_per_run)
     try:
         if args.no_ray:
+            make_folders(jobs, stale_dirs)
             prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
             launch_without_ray(jobs, args.cpus_per_run, parallel, progress)
         else:
-            # first: a cluster that does not answer ends the sweep at once
+            # first: a cluster that does not answer ends the sweep at once, with nothing created
             with ray_running(ray, args.address, local_cpus(args.parallel, args.cpus_per_run)):
+                make_folders(jobs, stale_dirs)
                 prepare_data(sorted({config.task for config, _, _ in jobs}), data_root, args.bins)
                 launch(ray, jobs, args.cpus_per_run, progress)
     except ExperimentError as exc:

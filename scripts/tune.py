@@ -25,8 +25,10 @@ side on overlapping cells: each locks the cells it works on, and skips a cell th
 """
 import argparse
 import json
+import logging
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -35,8 +37,8 @@ from pathlib import Path
 import experiment  # noqa: F401 (first: it puts the repository root on sys.path)
 from data import ALL_TASKS, TASKS
 from experiment import (PID_FILE, REPO_ROOT, RUN_LOG, ExperimentError, HParams, best_evaluation, evaluation_score,
-                        has_checkpoint, in_use_message, is_finished, latest_run_dir, main_args, main_running,
-                        read_metrics, resume_args, run_dir_in_use, ship_to_workers)
+                        has_checkpoint, in_use_message, is_finished, latest_run_dir, main_args, main_py_error,
+                        main_running, read_metrics, resume_args, run_dir_in_use, ship_to_workers)
 from main import EXIT_USAGE
 from model import MODEL_NAMES, MODEL_SLUGS, MODELS, PAPER_MODELS
 from utils import LockHeld, hold_lock
@@ -266,12 +268,51 @@ def run_tuner(tune, trials, resources, name, storage, scheduler, stopper=None, c
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, stop=stopper,
                                                  callbacks=[stop_marker_callback(tune), *callbacks]))
     failed = []
-    for result in tuner.fit():
+    with ray_trial_errors_silenced():
+        results = tuner.fit()
+    for result in results:
         if result.error:
-            name = Path(result.config["trial"]["folder"]).name
-            print(f"warning: trial {name} failed in Ray: {str(result.error).strip().splitlines()[0]}", flush=True)
-            failed.append(name)
+            failed.append(report_failure(Path(result.config["trial"]["folder"]), result.error))
     return failed
+
+
+def report_failure(folder, error):
+    """Prints one line on the failed trial in `folder` (main.py's `error:` line, else Ray's error) and returns the
+    trial's folder."""
+    cause = main_py_error(folder)
+    if cause is None:  # killed or interrupted, or Ray lost the worker: Ray's last line says which
+        lines = [line for line in ANSI_ESCAPE.sub("", str(error)).splitlines() if line.strip()]
+        cause = f"{lines[-1].strip() if lines else type(error).__name__} (see {folder / RUN_LOG})"
+    print(f"warning: trial {folder.name} failed: {cause}", flush=True)
+    return folder
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextmanager
+def ray_trial_errors_silenced():
+    """Ray Tune logs each failed trial with the worker's traceback (and terminal colours); report_failure says it
+    in one line instead."""
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def failure_advice(folders):
+    """What to do about failed trials: a main.py `error:` needs its cause fixed; only an interrupted or killed run
+    is helped by running the command again."""
+    errors = sum(main_py_error(folder) is not None for folder in folders)
+    if errors == len(folders):
+        return "main.py reported an error: fix its cause, then run the same command again"
+    if errors == 0:
+        return "interrupted or killed: run the same command again to resume them"
+    return (f"{errors} with a main.py error, whose cause needs fixing, the rest interrupted or killed; then run the "
+            f"same command again")
 
 
 class Cell:
@@ -384,7 +425,7 @@ class Cell:
             # cell's: a trial that failed in an earlier round has been retried.
             failed = run_tuner(tune, [self.trial(h, SEARCH_SEED) for h in searched], resources, f"{name}-search",
                                storage, asha, StopWhenOutrun(), callbacks)
-        return self.write_summary(), [f"{self.label} {name}" for name in failed]
+        return self.write_summary(), [(f"{self.label} {folder.name}", folder) for folder in failed]
 
     def seed_trials(self, best):
         """The seed runs of the configuration of trial `best` (a trial name)."""
@@ -402,7 +443,7 @@ class Seeds:
         self.ray = ray
         self.remote_trial = ray.remote(num_cpus=cpus_per_run)(run_trial)
         self.pending = []  # (cell, start time, trials, task references)
-        self.failed = []  # the seed runs that failed, as "<cell> <trial>"
+        self.failed = []  # the seed runs that failed, as ("<cell> <trial>", trial folder)
 
     def start(self, cell, best, started):
         trials = cell.seed_trials(best)
@@ -421,9 +462,8 @@ class Seeds:
                 try:
                     self.ray.get(ref)
                 except Exception as exc:  # main.py failed: say so and go on; a relaunch resumes the run
-                    name = Path(trial["folder"]).name
-                    print(f"warning: trial {name} failed in Ray: {str(exc).strip().splitlines()[-1]}", flush=True)
-                    self.failed.append(f"{cell.label} {name}")
+                    folder = report_failure(Path(trial["folder"]), exc)
+                    self.failed.append((f"{cell.label} {folder.name}", folder))
             print_cell(cell.write_summary(), started)
             cell.release()
         self.pending = still_running
@@ -601,8 +641,8 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         return 130
     if failed:
-        print(f"{len(failed)} trial(s) failed (run the same command again to resume them): {'; '.join(failed)}",
-              flush=True)
+        print(f"{len(failed)} trial(s) failed ({failure_advice([folder for _, folder in failed])}): "
+              f"{'; '.join(label for label, _ in failed)}", flush=True)
         return 1
     return 0
 

@@ -129,10 +129,24 @@ def other_model(state):
     return dict(state, model={"weight": torch.zeros(3)})
 
 
+def wider_model(state):
+    """The weights of the same kind of model at twice the hidden size: torch's own error would name only the
+    class ("Error(s) in loading state_dict for RecurrentModel:")."""
+    return dict(state, model={key: torch.zeros([2 * n for n in value.shape]) for key, value in state["model"].items()})
+
+
+def bare_state_dict(state):
+    """What `torch.save(model.state_dict(), "latest_model.pt")` writes."""
+    return state["model"]
+
+
 @pytest.mark.parametrize("change, words", [
     (old_format, ["earlier main.py", "start the run again"]),
     (missing_grads, ["no grads"]),
-    (other_model, ["does not fit"]),
+    (other_model, ["another model", "RecurrentModel", "missing (first: ", "1 unexpected (first: weight)"]),
+    (wider_model, ["another model", "other shapes (first: ", "in the file", "here)"]),
+    (bare_state_dict, ["bare state_dict", "not a checkpoint of main.py"]),
+    (lambda state: {"epoch": 3, "weights": [1]}, ["not a checkpoint of main.py", "epoch, weights"]),
     (lambda state: torch.zeros(3), ["holds a Tensor"]),
 ])
 def test_a_checkpoint_that_is_not_this_runs_is_one_error_line(tmp_path, finished_run, capsys, change, words):
@@ -146,12 +160,25 @@ def test_a_checkpoint_that_is_not_this_runs_is_one_error_line(tmp_path, finished
     assert snapshot(finished_run) == before
 
 
-def test_a_text_file_as_checkpoint_is_one_error_line(tmp_path, finished_run, capsys):
-    (finished_run / "latest_model.pt").write_text("not a checkpoint\n")
+@pytest.mark.parametrize("text", ["not a checkpoint\n", "0 1 0\n", ""])  # "0 ..." made torch say "pop from empty list"
+def test_a_text_file_as_checkpoint_is_one_error_line(tmp_path, finished_run, capsys, text):
+    (finished_run / "latest_model.pt").write_text(text)
     capsys.readouterr()
     assert main.main(["--resume", str(finished_run), "--num_epoch", "2"]) == 2
     [line] = error_lines(capsys.readouterr().err)
-    assert "not a readable checkpoint" in line
+    assert "not a PyTorch checkpoint" in line and "pop from empty list" not in line, line
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_is_not_resumable_and_says_how_to_start_again(
+        tmp_path, finished_run, capsys):
+    for name in ("latest_model.pt", "best_model.pt", "final.json"):
+        (finished_run / name).unlink()
+    (finished_run / "latest_model.pt.tmp").write_bytes(b"PK\x03\x04 half of a zip")
+    capsys.readouterr()
+    assert main.main(["--resume", str(finished_run)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "nothing to resume" in line and "killed while writing its first checkpoint" in line, line
+    assert "start the run again with: python main.py --data_dir " in line, line  # the flags of its args.json
 
 
 def test_no_loader_unpickles_in_full():
@@ -313,10 +340,24 @@ def test_a_signal_during_a_kernel_build_ends_the_run_within_seconds(tmp_path, ti
     stopped_after = time.monotonic() - signalled
     err += rest
     assert proc.returncode == 128 + signum, err
-    assert stopped_after < 10, stopped_after
+    assert stopped_after < 5, stopped_after  # ninja and the compilers are stopped first; 0.2 s when idle
+    assert processes_working_in(cache) == []  # ninja and its compilers went with it
     assert "Traceback" not in out + err
     assert "nothing to resume" in out and not list((tmp_path / "runs").iterdir())
-    assert not (cache / "fast_weight_sum_cpu" / "lock").exists()
+    [build_dir] = cache.glob("fast_weight_sum_cpu_*")
+    assert not (build_dir / "lock").exists()
+
+
+def processes_working_in(folder):
+    """The processes whose working directory is in `folder` (ninja and the compilers of a build there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                found.append((proc.name, (proc / "cmdline").read_bytes()[:80]))
+        except OSError:  # gone meanwhile, or another user's
+            pass
+    return found
 
 
 def test_the_grazzi_table_refuses_a_hostile_best_model_without_running_it(tmp_path):

@@ -144,6 +144,45 @@ def test_real_build_ignores_a_stale_torch_lock(tmp_path):
     assert "stale" in result.stderr and not (tmp_path / "cache" / "fwp_tiny_cpu" / "lock").exists()
 
 
+def load_tiny(checkout, cache, ext_name=None):
+    """In a new process: load `<checkout>/tiny/one_cpu.cpp` with `<checkout>/kernel_loader.py` (through load(), or
+    through load_source under `ext_name`); its stderr."""
+    call = (f"kernel_loader.load_source({ext_name!r}, {str(checkout / 'tiny' / 'one_cpu.cpp')!r}, 'cpu')" if ext_name
+            else "kernel_loader.load('tiny', 'one', 'cpu')")
+    script = f"import sys; sys.path.insert(0, {str(checkout)!r}); import kernel_loader; assert {call}.add_one(1) == 2"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def tiny_checkout(folder):
+    (folder / "tiny").mkdir(parents=True)
+    (folder / "tiny" / "one_cpu.cpp").write_text(TINY_SOURCE)
+    (folder / "kernel_loader.py").write_bytes((REPO / "kernel_loader.py").read_bytes())
+    return folder
+
+
+def test_every_build_says_so_also_a_rebuild_for_a_source_from_another_path(tmp_path):
+    """A cache folder last built from another checkout's source: torch rebuilds it, which prints the line too."""
+    first, second = tiny_checkout(tmp_path / "first"), tiny_checkout(tmp_path / "second")
+    assert "Building the CPU kernel 'fwp_tiny_cpu'" in load_tiny(first, tmp_path / "cache", "fwp_tiny_cpu")
+    assert "Building the CPU kernel 'fwp_tiny_cpu'" in load_tiny(second, tmp_path / "cache", "fwp_tiny_cpu")
+    assert "Building" not in load_tiny(second, tmp_path / "cache", "fwp_tiny_cpu")  # built: nothing to say
+
+
+def test_two_checkouts_sharing_a_cache_keep_a_build_each(tmp_path):
+    first, second = tiny_checkout(tmp_path / "first"), tiny_checkout(tmp_path / "second")
+    cache = tmp_path / "cache"
+    assert "Building" in load_tiny(first, cache)
+    [library] = cache.glob("one_cpu_*/*.so")
+    built = library.stat().st_mtime_ns
+    assert "Building" in load_tiny(second, cache)
+    assert "Building" not in load_tiny(first, cache)
+    assert library.stat().st_mtime_ns == built  # not rebuilt after the other checkout's build
+    assert len(list(cache.glob("one_cpu_*/*.so"))) == 2
+
+
 # ------------------------------------------------------------------------------------ what ran, in process
 
 @pytest.fixture

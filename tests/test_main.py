@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 import data
 import digests
 import main
-from model import build_model, count_trainable_params
+from model import MODEL_SLUGS, build_model, count_trainable_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -485,6 +486,8 @@ BAD_FLAGS = {
     "n_head_negative": ["--model_type", "2", "--hidden_size", "16", "--n_head", "-4"],
     "learning_rate_nan": ["--learning_rate", "nan"],
     "learning_rate_negative": ["--learning_rate", "-1"],
+    "learning_rate_negative_exponent": ["--learning_rate", "-1e-3"],
+    "data_dir_is_a_file": ["--data_dir", "{a_file}"],
     "dropout_above_1": ["--dropout", "1.5"],
     "emb_size_0": ["--emb_size", "0"],
     "hidden_size_0": ["--hidden_size", "0"],
@@ -495,6 +498,13 @@ BAD_FLAGS = {
     "work_dir_is_a_file": ["--work_dir", "{a_file}"],
     "work_dir_below_a_file": ["--work_dir", "{a_file}/runs"],
     "generated_data_below_a_file": ["--data_dir", "{a_file}/parity"],
+}
+
+
+# What the error line of some cases must say: the real problem, not what argparse or a missing file made of it.
+BAD_FLAG_ERRORS = {
+    "learning_rate_negative_exponent": "--learning_rate must be a positive finite number, got -0.001",
+    "data_dir_is_a_file": "a_file is a file, not a directory",
 }
 
 
@@ -529,6 +539,7 @@ def test_bad_flag_fails_with_one_line(case, bad_flag_dirs, tmp_path, capsys):
     code = main.main(bad_flag_argv(case, bad_flag_dirs, work))  # an exception here is the traceback a user would see
     out, err = capsys.readouterr()
     assert_one_error_line(code, out, err, work)
+    assert BAD_FLAG_ERRORS.get(case, "") in err
 
 
 # One case of each kind (the parser, a flag check, the data, the run directory) as a shell sees it: the process's
@@ -694,6 +705,18 @@ def test_wandb_offline(tmp_path, tiny_data, monkeypatch):
         assert text in events, text
 
 
+def test_a_resumed_offline_wandb_run_names_every_folder_of_the_run(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, run_dir = run_main(tmp_path, tiny_data, *TINY, "--num_epoch", "1", "--use_wandb")
+    time.sleep(1.1)  # wandb names the folder after the second it starts in (and the id): the resume's is another
+    assert code == 0 and main.main(["--resume", str(run_dir), "--num_epoch", "2"]) == 0
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2  # wandb writes one per start
+    last_line = [line for line in (run_dir / "log.txt").read_text().splitlines() if "wandb sync" in line][-1]
+    assert "2 folder(s)" in last_line and all(str(folder) in last_line for folder in folders), last_line
+
+
 def test_wandb_that_cannot_start_is_one_error_line(tmp_path, tiny_data, monkeypatch, capsys):
     import wandb
 
@@ -762,6 +785,7 @@ def test_signal_before_the_first_batch_leaves_nothing_to_resume(tmp_path, tiny_d
     assert run_dir is None  # the empty run directory is removed
     out = capsys.readouterr().out
     assert "nothing to resume" in out and f"Start again with: python main.py --data_dir {tiny_data}" in out
+    assert "Stopped by SIGTERM before the first training step" in out and "step 0" not in out
 
 
 @pytest.mark.parametrize("moment", ["while the stop is logged", "while the empty run directory is removed"])
@@ -902,3 +926,10 @@ def test_code_version_ignores_changes_under_results(tmp_path):
     assert main.code_version(str(tmp_path)) == f"git {head} with uncommitted changes"
     outside = tempfile.mkdtemp()  # /tmp: not inside a git checkout
     assert main.code_version(outside) == "unknown (not a git checkout)"
+
+
+def test_the_docs_name_the_run_directory_of_every_model():
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    start = text.index("where `<model>` is one of")
+    named = set(re.findall(r"`([a-z0-9-]+)`", text[start:text.index("`<task>`", start)]))
+    assert named == set(MODEL_SLUGS.values())

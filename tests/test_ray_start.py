@@ -50,6 +50,7 @@ def test_an_address_where_no_cluster_answers_ends_the_run_with_one_error_line(sc
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith(f"error: no Ray cluster answers at {address}: ") and \
         result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "work").exists(), list((tmp_path / "work").rglob("*"))  # nothing before the cluster answers
 
 
 @pytest.fixture

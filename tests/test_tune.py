@@ -2,6 +2,7 @@
 that reruns nothing, the trial's replay and resume, and results.py's view of the search."""
 import io
 import json
+import logging
 import os
 import shlex
 import signal
@@ -596,18 +597,48 @@ def test_the_seeds_wait_until_every_trial_has_ended():
     assert not tune.ready_for_seeds({"best": None, "trials": [dict(failed, best_score=None)]})
 
 
-FAILED_LINE = "trial(s) failed (run the same command again to resume them): "
+FAILED_LINE = "trial(s) failed (main.py reported an error: fix its cause, then run the same command again): "
 
 
-def test_a_search_whose_trials_fail_exits_1_and_names_them(local_ray, tmp_path):
+def test_a_search_whose_trials_fail_exits_1_and_names_them(local_ray, tmp_path, capfd):
+    """Each failed trial gets one line with main.py's error (from its run.log), and no Ray traceback is shown."""
     write_tiny_parity(tmp_path / "data" / "parity")
     (tmp_path / "data" / "parity" / "valid_50.src").unlink()  # main.py cannot load the dataset
-    out = io.StringIO()
-    with redirect_stdout(out):
+    ray_errors = RecordsAt(logging.ERROR)
+    logging.getLogger("ray.tune").addHandler(ray_errors)  # Ray's own handlers may write where capfd cannot see
+    try:
         code = tune.main(search_argv(tmp_path))
-    assert code == 1, out.getvalue()
-    assert out.getvalue().splitlines()[-1] == (f"2 {FAILED_LINE}parity LSTM lr1e-3-l1-h8-n1-seed1; "
-                                               f"parity LSTM lr3e-3-l1-h8-n1-seed1")
+    finally:
+        logging.getLogger("ray.tune").removeHandler(ray_errors)
+    assert ray_errors.records == []  # Ray's log of each trial error, with the worker's traceback
+    out, err = capfd.readouterr()
+    assert code == 1, out + err
+    assert out.splitlines()[-1] == (f"2 {FAILED_LINE}parity LSTM lr1e-3-l1-h8-n1-seed1; "
+                                    f"parity LSTM lr3e-3-l1-h8-n1-seed1")
+    for trial in ("lr1e-3-l1-h8-n1-seed1", "lr3e-3-l1-h8-n1-seed1"):
+        [line] = [line for line in out.splitlines() if line.startswith(f"warning: trial {trial} failed: ")]
+        assert "valid_50.src: no such file" in line, line
+    assert "Traceback" not in out + err and "\x1b[" not in out + err, out + err
+
+
+class RecordsAt(logging.Handler):
+    def __init__(self, level):
+        super().__init__(level)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+def test_the_advice_on_failed_trials_fits_their_cause(tmp_path):
+    failed, killed = tmp_path / "failed", tmp_path / "killed"
+    for folder, output in ((failed, "error: --learning_rate must be a positive finite number, got -0.001\n"),
+                           (killed, "Starting run ...\n")):
+        folder.mkdir()
+        (folder / tune.RUN_LOG).write_text(f"==== earlier start\nerror: an old error\n==== 2026 main.py\n{output}")
+    assert tune.failure_advice([failed]).startswith("main.py reported an error: fix its cause")
+    assert tune.failure_advice([killed]) == "interrupted or killed: run the same command again to resume them"
+    assert "1 with a main.py error" in tune.failure_advice([failed, killed])
 
 
 def kill_once_checkpointed(trial_folder, killed, timeout=120.0):
