@@ -56,17 +56,17 @@ def output_and_grads(fn, inputs, grad_out):
 
 
 def test_the_reference_on_one_token_by_hand():
-    """Two steps on a zero state in E = M = 2: W1 = b1 k1 v1^T; W2 = (I - b2 k2 k2^T) W1 + b2 k2 v2^T."""
-    k1, k2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
-    v1, v2 = torch.tensor([2.0, -1.0], dtype=torch.float64), torch.tensor([0.5, 3.0], dtype=torch.float64)
-    b1, b2, q = 1.5, 0.25, torch.tensor([0.3, -0.7], dtype=torch.float64)
-    W1 = b1 * torch.outer(k1, v1)
-    W2 = (torch.eye(2, dtype=torch.float64) - b2 * torch.outer(k2, k2)) @ W1 + b2 * torch.outer(k2, v2)
-    out = delta_product_reference(q.view(1, 1, 1, 2), torch.stack([k1, k2]).view(1, 1, 1, 2, 2),
-                                  torch.stack([v1, v2]).view(1, 1, 1, 2, 2),
-                                  torch.tensor([b1, b2], dtype=torch.float64).view(1, 1, 1, 2),
+    """Two steps on a zero state in E = M = 2, worked out by hand:
+    k1 = [1, 0], v1 = [2, -1], b1 = 1.5:  W1 = b1 k1 v1^T = [[3, -1.5], [0, 0]].
+    k2 = [0.6, 0.8], b2 = 0.25:  I - b2 k2 k2^T = [[0.91, -0.12], [-0.12, 0.84]], times W1 = [[2.73, -1.365],
+    [-0.36, 0.18]]; v2 = [0.5, 3]: b2 k2 v2^T = [[0.075, 0.45], [0.1, 0.6]]; W2 = [[2.805, -0.915], [-0.26, 0.78]].
+    q = [0.3, -0.7]:  q W2 = [0.8415 + 0.182, -0.2745 - 0.546] = [1.0235, -0.8205]."""
+    def tensor(*values):
+        return torch.tensor(values, dtype=torch.float64)
+    out = delta_product_reference(tensor(0.3, -0.7).view(1, 1, 1, 2), tensor(1.0, 0.0, 0.6, 0.8).view(1, 1, 1, 2, 2),
+                                  tensor(2.0, -1.0, 0.5, 3.0).view(1, 1, 1, 2, 2), tensor(1.5, 0.25).view(1, 1, 1, 2),
                                   torch.zeros(1, 1, 2, 2, dtype=torch.float64))
-    torch.testing.assert_close(out.view(2), q @ W2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.view(2), tensor(1.0235, -0.8205), rtol=1e-12, atol=1e-12)
 
 
 def test_one_step_per_token_is_the_delta_rule():

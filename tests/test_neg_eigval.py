@@ -1,11 +1,10 @@
-"""DeltaNet with negative eigenvalues (models 20-22, after Grazzi et al., ICLR 2025) and the data option for their
-length split.
+"""DeltaNet with negative eigenvalues (models 20-22, after Grazzi et al., ICLR 2025).
 
 Operator: with unit keys and beta in (0, 2) the delta rule's transition I - beta k k^T has the eigenvalue 1 - beta
 in (-1, 1) along k, so parts of the state flip sign each step and never decay. The fused kernel, the chunk-parallel
 form and their gradients are checked against the reference loop in that regime (L = 100-200, beta up to 1.99, and
-exactly 2 for the closed-form case). Models: the op's inputs are captured by monkeypatching model.delta_net_fn.
-Data: data.py's --train_lengths/--test_lengths windows.
+exactly 2 for the closed-form case). Models: the op's inputs are captured by monkeypatching model.delta_net_fn. (The data option for their length
+split, --train_lengths/--test_lengths, is tested in tests/test_data.py.)
 """
 import functools
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import kernel_loader
 import model as model_module
 from fast_weight import delta_net_fn, delta_net_reference
@@ -222,71 +220,3 @@ def test_run_directory_names(tmp_path):
     for model_type, slug in ((20, "deltanet-neg"), (21, "deltanet-l2"), (22, "deltanet-beta2")):
         code, run_dir = run_main(tmp_path, data_dir, "--model_type", str(model_type), *flags)
         assert code == 0 and run_dir.name.startswith(f"{slug}-tiny-")
-
-
-# -- data: other length windows ----------------------------------------------------------------------------------
-
-def lengths(lines):
-    return [len(line.split()) for line in lines]
-
-
-def parity_targets(src_line):
-    tokens, ones = [], 0
-    for bit in src_line.split():
-        ones += bit == "1"
-        tokens.append("rej" if ones % 2 else "acc")
-    return " ".join(tokens)
-
-
-@pytest.fixture(scope="module")
-def grazzi_split():
-    return data.generate_task("parity", seed=1, train_lengths=(3, 40), test_lengths=(40, 256))
-
-
-def test_windows_bound_the_lengths(grazzi_split):
-    assert {name: len(src) for name, (src, _) in grazzi_split.items()} == {"train": 10000, "valid": 2000,
-                                                                          "test": 2000}
-    for name, (low, high) in (("train", (3, 40)), ("valid", (3, 40)), ("test", (40, 256))):
-        found = lengths(grazzi_split[name][0])
-        assert low <= min(found) and max(found) <= high, name
-        assert max(found) >= high - 1 and min(found) <= low + 2, name   # the window is used end to end
-    assert sum(n > 200 for n in lengths(grazzi_split["test"][0])) > 100
-
-
-def test_window_targets_are_prefix_parities(grazzi_split):
-    for name, (src, tgt) in grazzi_split.items():
-        for src_line, tgt_line in zip(src, tgt, strict=True):
-            assert tgt_line == parity_targets(src_line), name
-
-
-def test_default_windows_give_the_paper_files():
-    """The option only replaces the windows: given the defaults explicitly, it writes the paper's files."""
-    assert data.generate_task("parity", seed=3, train_lengths=(2, 50), test_lengths=(51, 100)) == \
-        data.generate_task("parity", seed=3)
-    explicit_train = data.generate_task("dyck-1", seed=1, train_lengths=(2, 50))
-    assert explicit_train == data.generate_task("dyck-1", seed=1)
-
-
-def test_window_cli(tmp_path, capsys):
-    out = tmp_path / "parity_grazzi"
-    assert data.main(["--task", "parity", "--out_dir", str(out), "--train_lengths", "3", "40",
-                      "--test_lengths", "40", "256"]) == 0
-    assert (out / "test_50.src").read_text().splitlines() == \
-        data.generate_task("parity", train_lengths=(3, 40), test_lengths=(40, 256))["test"][0]
-    bad_flags = (["--train_lengths", "5", "3"], ["--test_lengths", "0", "9"],
-                 ["--bins", "2", "--test_lengths", "3", "9"])
-    for bad in bad_flags:
-        with pytest.raises(SystemExit) as exit_info:
-            data.main(["--task", "parity", "--out_dir", str(tmp_path / "x"), *bad])
-        assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        data.main(["--check", str(out), "--train_lengths", "3", "40"])
-    assert "error" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("task,windows", [("abab-star", {"train_lengths": (1, 3)}),
-                                          ("dyck-1", {"train_lengths": (1, 1)}),
-                                          ("aa-star", {"test_lengths": (51, 51)})])
-def test_a_window_without_enough_strings_is_an_error_not_a_hang(task, windows):
-    with pytest.raises(data.DataError, match="too few strings"):
-        data.generate_task(task, **windows)
