@@ -19,6 +19,7 @@ import torch
 
 import main
 from test_main import REPO, TINY, run_main, write_tiny_parity
+from utils import RUN_LOCK
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -29,8 +30,10 @@ def main_py(*flags, **kwargs):
 
 
 def snapshot(directory):
-    """Every file below `directory` with its bytes: what "nothing changed on disk" compares."""
-    return {path.relative_to(directory): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+    """Every file below `directory` with its bytes: what "nothing changed on disk" compares. main.lock is the lock
+    of whichever main.py last held the directory (its pid inside), not part of the run."""
+    return {path.relative_to(directory): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.name != RUN_LOCK}
 
 
 def error_lines(text):

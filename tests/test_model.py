@@ -105,6 +105,8 @@ def expected_params(model_type, hidden_size, n_head, num_layer, ff_factor, emb_s
         # 23-26, DeltaProduct: q, then n_h keys, values and betas per head
         **{m: layer_norm(D) + linear(D, H * (d + n * (2 * d + 1)), bias=False) + out_proj
            for m, n in ((23, 2), (24, 3), (25, 4), (26, 2))},
+        # 27-28, Gated DeltaNet: DeltaNet's slices and a decay slice per head; A_log and dt_bias per head
+        **{m: layer_norm(D) + linear(D, H * (3 * d + 2), bias=False) + out_proj + 2 * H for m in (27, 28)},
     }[model_type if model_type not in (21, 22) else 20]
     return embedding + num_layer * (block + feed_forward) + output
 

@@ -331,7 +331,7 @@ def test_the_group_tasks_and_deltaproduct_can_be_searched_on_the_issue_s_smaller
     assert len(trials) == 6 * 4 and set(trials) == {f"lr{lr}-l{n}-h128-n8-seed1" for lr in ("3e-4", "1e-3")
                                                     for n in (1, 2)}
     with pytest.raises(SystemExit):
-        tune.parse_args(["--tasks", "s4"])
+        tune.parse_args(["--tasks", "s6"])
 
 
 @pytest.mark.parametrize("flags", [["--parallel", "0"], ["--parallel", "2", "--address", "auto"]])
@@ -411,8 +411,8 @@ def test_seed_runs_go_on_in_the_background_and_their_cell_is_summed_up_when_they
     ray.failed.add(1)
     seeds.finish(wait=False)
     out = capsys.readouterr().out
-    assert "warning: trial lr1e-3-seed3 failed in Ray: main.py exited with status 1" in out
-    assert seeds.failed == ["parity LSTM lr1e-3-seed3"]  # for the driver's last line and its exit status
+    assert "warning: trial lr1e-3-seed3 failed: main.py exited with status 1" in out
+    assert [label for label, _ in seeds.failed] == ["parity LSTM lr1e-3-seed3"]  # for the driver's last line and its exit status
     assert "parity LSTM: 0/0 trials done" in out and cell.summaries == 1 and seeds.pending == []
     assert cell.lock is None  # the cell is free for another driver only once its seeds have ended
 
