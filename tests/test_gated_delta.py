@@ -83,9 +83,11 @@ def test_fused_matches_reference(kernel, shape, dtype):
     out, fused = output_and_grads(gated_delta_net_fn, inputs, grad_out)
     assert_took_kernel(out)
     _, reference = output_and_grads(gated_delta_net_reference, inputs, grad_out)
-    tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    # float32: a gradient is a sum of up to E x M rounded products, so atol scales with the tensor's size
+    rtol, atol_scale = (1e-9, 1e-11) if dtype == torch.float64 else (1e-4, 1e-5)
     for name, a, e in zip(["out", "dq", "dk", "dv", "dbeta", "dalpha"], fused, reference):
-        torch.testing.assert_close(a, e, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol_scale * max(1.0, float(e.abs().max())),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 5, 3, 2), (1, 1, 35, 2, 3)], ids=str)
