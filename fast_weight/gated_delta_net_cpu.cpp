@@ -30,7 +30,7 @@ struct Sequence {
   int64_t length, E, M;
 };
 
-// One step from W_prev (E x M) into W_next; v_old, d: M each. Returns nothing: W_next, d hold the step's results.
+// One step from W_prev (E x M) into W_next (E x M); d (M) receives d_t = v_t - v_old_t.
 template <typename T>
 inline void step(const Sequence<T>& s, int64_t t, const T* W_prev, T* W_next, T* d) {
   const int64_t E = s.E, M = s.M;
@@ -80,15 +80,16 @@ struct Grads {
 template <typename T>
 void backward_sequence(const Sequence<T>& s, const T* grad_out, const T* checkpoints, const Grads<T>& g) {
   const int64_t E = s.E, M = s.M, L = s.length;
-  std::vector<T> states((kInterval + 1) * E * M), G(E * M, 0), d(M), du(M), dv_old(M);
+  // The replay keeps each step's state and its d_t = v_t - v_old_t, exactly as the forward computed them.
+  std::vector<T> states((kInterval + 1) * E * M), deltas(kInterval * M), G(E * M, 0), du(M), dv_old(M);
   for (int64_t interval = num_intervals(L) - 1; interval >= 0; --interval) {
     const int64_t t0 = interval * kInterval, n = std::min(kInterval, L - t0);
     std::copy(checkpoints + interval * E * M, checkpoints + (interval + 1) * E * M, states.begin());
-    for (int64_t i = 0; i < n; ++i) step(s, t0 + i, &states[i * E * M], &states[(i + 1) * E * M], d.data());
+    for (int64_t i = 0; i < n; ++i) step(s, t0 + i, &states[i * E * M], &states[(i + 1) * E * M], &deltas[i * M]);
     for (int64_t i = n - 1; i >= 0; --i) {
       const int64_t t = t0 + i;
       const T *W_prev = &states[i * E * M], *W_cur = &states[(i + 1) * E * M];
-      const T *q_t = s.q + t * E, *k_t = s.k + t * E, *v_t = s.v + t * M, *do_t = grad_out + t * M;
+      const T *q_t = s.q + t * E, *k_t = s.k + t * E, *do_t = grad_out + t * M;
       const T a = s.alpha[t], b = s.beta[t];
       T *dq_t = g.q + t * E, *dk_t = g.k + t * E, *dv_t = g.v + t * M;
       // out_t = q_t @ W_t
@@ -102,11 +103,7 @@ void backward_sequence(const Sequence<T>& s, const T* grad_out, const T* checkpo
         }
         dq_t[e] = dq;
       }
-      // d_t again (the replay's buffer holds only the last step's): v_old_t = alpha_t k_t @ W_{t-1}
-      for (int64_t m = 0; m < M; ++m) d[m] = 0;
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t m = 0; m < M; ++m) d[m] += k_t[e] * W_prev[e * M + m];
-      for (int64_t m = 0; m < M; ++m) d[m] = v_t[m] - a * d[m];
+      const T* d = &deltas[i * M];
       // W_t = A_t + outer(k_t, u_t), u_t = beta_t d_t
       for (int64_t m = 0; m < M; ++m) du[m] = 0;
       for (int64_t e = 0; e < E; ++e) {
